@@ -1,0 +1,70 @@
+"""Tile configurations and the interpreter switch for the Triton kernels.
+
+One fixed configuration per GPU family (DESIGN.md: no autotuning by default). The interpreter runs
+every program instance as NumPy calls on the CPU, so there fewer, larger tiles are faster, while
+tests pass smaller tiles explicitly to exercise multi-tile, multi-split and multi-chunk paths.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import torch
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1).
+
+    Triton reads the variable when a kernel is decorated, so what counts is its value when
+    `mpo.kernels` was first imported; `mpo.logprobs` checks the two agree.
+    """
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    # logit tiles (forward partial LSE and backward dlogits): BLOCK_M rows x BLOCK_V vocab,
+    # contracted over D in steps of BLOCK_D.
+    block_m: int = 128
+    block_v: int = 128
+    block_d: int = 64
+    # fp32 registers per logit tile = block_m * block_v; 8 warps hold 128x128 without spilling.
+    num_warps: int = 8
+    num_stages: int = 3
+    # gradient matmuls (dW = dZ^T H, dH += dZ W).
+    mm_block_m: int = 128
+    mm_block_n: int = 128
+    mm_block_k: int = 64
+    mm_group_m: int = 8
+    mm_num_warps: int = 8
+    mm_num_stages: int = 3
+    # Upper bound on the backward's dlogits scratch buffer ([rows, V chunk] in the input dtype).
+    scratch_bytes: int = 64 << 20
+    # Grid size the forward aims for by splitting V; ~4 waves of a 132-SM H100.
+    target_programs: int = 528
+
+    def with_(self, **changes) -> TileConfig:
+        return replace(self, **changes)
+
+
+_INTERPRETER = TileConfig(
+    block_m=64, block_v=64, block_d=64, num_warps=1, num_stages=1,
+    mm_block_m=64, mm_block_n=64, mm_block_k=64, mm_group_m=4, mm_num_warps=1, mm_num_stages=1,
+    target_programs=8,
+)
+_HOPPER = TileConfig()
+_AMPERE = TileConfig(num_stages=2, mm_num_stages=3, target_programs=432)
+_OTHER = TileConfig(block_m=64, block_v=64, num_warps=4, num_stages=2, mm_block_m=64, mm_block_n=64,
+                    mm_num_warps=4, mm_num_stages=2, target_programs=256)
+
+
+def default_config(device: torch.device) -> TileConfig:
+    if device.type != "cuda":
+        return _INTERPRETER
+    major, _ = torch.cuda.get_device_capability(device)
+    if major >= 9:
+        return _HOPPER
+    if major == 8:
+        return _AMPERE
+    return _OTHER

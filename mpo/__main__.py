@@ -1,0 +1,3 @@
+from mpo.cli import main
+
+raise SystemExit(main())

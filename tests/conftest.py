@@ -1,0 +1,36 @@
+"""Test setup: without CUDA the Triton kernels run on Triton's CPU interpreter.
+
+TRITON_INTERPRET must be set before `mpo.kernels` is imported (Triton fixes the mode when a kernel
+is decorated), hence here, before any test module imports mpo. With CUDA the same tests run the
+compiled kernels on the GPU.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Make torch.empty / empty_like return NaN-filled float tensors (and -7 for integers), so an
+    output element a kernel forgets to write shows up as NaN instead of passing by luck."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        return t.fill_(float("nan")) if t.dtype.is_floating_point else t.fill_(-7)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
