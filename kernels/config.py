@@ -54,17 +54,24 @@ _INTERPRETER = TileConfig(
     target_programs=8,
 )
 _HOPPER = TileConfig()
-_AMPERE = TileConfig(num_stages=2, mm_num_stages=3, target_programs=432)
+_AMPERE = TileConfig(num_stages=2, target_programs=432)
 _OTHER = TileConfig(block_m=64, block_v=64, num_warps=4, num_stages=2, mm_block_m=64, mm_block_n=64,
                     mm_num_warps=4, mm_num_stages=2, target_programs=256)
+# fp32 inputs take exact fp32 products on the CUDA cores (no tensor cores): the logit tile and its
+# fp32 operands must fit the register file without spilling, hence smaller tiles.
+_FP32_TILES = dict(block_m=64, block_v=64, block_d=32, num_warps=4, num_stages=2,
+                   mm_block_m=64, mm_block_n=64, mm_block_k=32, mm_num_warps=4, mm_num_stages=2)
 
 
-def default_config(device: torch.device) -> TileConfig:
+def family_config(compute_capability: int, dtype: torch.dtype) -> TileConfig:
+    """The fixed config for a GPU family (major*10 + minor) and input dtype."""
+    major = compute_capability // 10
+    cfg = _HOPPER if major >= 9 else _AMPERE if major == 8 else _OTHER
+    return cfg.with_(**_FP32_TILES) if dtype == torch.float32 else cfg
+
+
+def default_config(device: torch.device, dtype: torch.dtype) -> TileConfig:
     if device.type != "cuda":
         return _INTERPRETER
-    major, _ = torch.cuda.get_device_capability(device)
-    if major >= 9:
-        return _HOPPER
-    if major == 8:
-        return _AMPERE
-    return _OTHER
+    major, minor = torch.cuda.get_device_capability(device)
+    return family_config(10 * major + minor, dtype)

@@ -41,7 +41,7 @@ def forward(hidden, weight, bias, rows, targets, *, temperature: float, softcap:
     rows (int64 [M]) are the compacted rows, sorted by sequence in segment mode; targets [M].
     Returns (lse [M] fp32, sums [S] fp32 or None).
     """
-    cfg = cfg or default_config(hidden.device)
+    cfg = cfg or default_config(hidden.device, hidden.dtype)
     upcast, precision = _modes(hidden.dtype)
     part_m, part_s, target_logit = lse_partials(
         hidden, weight, bias, rows, targets, temperature=temperature, softcap=softcap, cfg=cfg,
@@ -56,7 +56,7 @@ def backward(hidden, weight, bias, rows, targets, lse, grad, grad_index, *, temp
     needs = (hidden, weight, bias). Returns (dH [N, D] | None, dW [V, D] | None, db [V] | None) in
     the input dtypes; rows not in `rows` get zero dH.
     """
-    cfg = cfg or default_config(hidden.device)
+    cfg = cfg or default_config(hidden.device, hidden.dtype)
     upcast, precision = _modes(hidden.dtype)
     need_h, need_w, need_b = needs
     need_b = need_b and bias is not None

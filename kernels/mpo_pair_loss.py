@@ -38,7 +38,7 @@ def _mpo_pair_loss_kernel(
     inv_p = 1.0 / P
     inv_norm = 1.0 / pair_norm
     n_tokens = tl.load(CHOSEN_TOKENS).to(tl.float32)
-    inv_tokens = tl.where(n_tokens > 0, 1.0 / n_tokens, 0.0)  # no chosen tokens: l_g = 0
+    inv_tokens = tl.where(n_tokens > 0, 1.0 / tl.maximum(n_tokens, 1.0), 0.0)  # none: l_g = 0
     sum_pref = tl.zeros((BLOCK,), dtype=tl.float32)
     sum_qual = tl.zeros((BLOCK,), dtype=tl.float32)
     sum_pc = tl.zeros((BLOCK,), dtype=tl.float32)

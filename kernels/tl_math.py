@@ -30,7 +30,8 @@ def log1p_small(u):
     # log(1 + u) for u in [0, 1] to full relative precision: the rounding of w = 1 + u is
     # corrected by u / (w - 1) (Goldberg's trick); w == 1 means u is below half an ulp of 1.
     w = 1.0 + u
-    return tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
+    exact = w == 1.0
+    return tl.where(exact, u, tl.log(w) * (u / tl.where(exact, 1.0, w - 1.0)))
 
 
 @triton.jit

@@ -27,7 +27,7 @@ DISCOPOP_TAU = 0.05  # TRL's default temperature of the DiscoPOP modulation
 
 @dataclass(frozen=True)
 class PairBatch:
-    """What a pair loss sees; all tensors [P] fp32."""
+    """What a pair loss sees; all tensors [P], fp32 or wider."""
 
     chosen_logps: torch.Tensor
     rejected_logps: torch.Tensor
@@ -202,7 +202,7 @@ def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected
     if P == 0 or any(t.shape != (P,) for t in tensors):
         raise ValueError("chosen/rejected and reference log-probs must be non-empty [P] tensors, got "
                          f"shapes {[tuple(t.shape) for t in tensors]}")
-    pc, pr, rc, rr = (t.float() for t in tensors)
+    pc, pr, rc, rr = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors)
     batch = PairBatch(pc, pr, rc, rr, float(beta), float(reward_shift), float(label_smoothing),
                       chosen_lengths, rejected_lengths)
     norm = P if pair_count is None else pair_count
@@ -216,7 +216,7 @@ def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected
                 if chosen_lengths is None:
                     raise ValueError("loss type 'sft' needs chosen_token_count or chosen_lengths")
                 count = torch.as_tensor(chosen_lengths).sum()
-            term = -pc.sum() / torch.as_tensor(count, dtype=torch.float32, device=pc.device).clamp(min=1)
+            term = -pc.sum() / torch.as_tensor(count, dtype=pc.dtype, device=pc.device).clamp(min=1)
             loss = loss + w * term
         else:
             per_pair = PAIR_LOSSES[name](batch)

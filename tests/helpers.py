@@ -54,6 +54,24 @@ def head_logprobs_eager(hidden, weight, bias, targets, *, temperature=1.0, softc
     return torch.where(valid, lp, torch.zeros_like(lp))
 
 
+def random_seq_ids(N, num_seqs, device, *, unassigned=0.3, shuffled=True):
+    """Sequence ids in runs (as in packed rows) or shuffled; some -1; some sequences empty."""
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    ids = torch.randint(0, num_seqs, (N,), generator=g)
+    if not shuffled:
+        ids, _ = torch.sort(ids)
+    ids[torch.rand(N, generator=g) < unassigned] = -1
+    ids[ids == num_seqs - 1] = -1  # the last sequence has no tokens
+    return ids.to(device)
+
+
+def oracle_sums(token_values64, seq_ids, num_seqs):
+    onehot = torch.zeros(num_seqs, seq_ids.numel(), dtype=torch.float64, device=seq_ids.device)
+    mask = seq_ids >= 0
+    onehot[seq_ids[mask], mask.nonzero().squeeze(1)] = 1.0
+    return onehot @ token_values64
+
+
 def value_and_grads(fn, leaves, upstream):
     """fn() -> output; returns (output detached, grads of (output * upstream).sum() per leaf)."""
     for x in leaves:

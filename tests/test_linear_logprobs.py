@@ -69,7 +69,7 @@ def test_matches_oracle(impl, dtype, option, poison):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("option", ["plain", "all"])
 def test_triton_many_splits_and_chunks(dtype, option, poison, monkeypatch):
-    monkeypatch.setattr(lm_head, "default_config", lambda device: TINY)
+    monkeypatch.setattr(lm_head, "default_config", lambda device, dtype: TINY)
     check_against_oracle("triton", dtype, *OPTIONS[option])
 
 
@@ -130,4 +130,4 @@ def test_default_configs_are_valid():
     for cfg in (config._HOPPER, config._AMPERE, config._OTHER, config._INTERPRETER):
         for b in (cfg.block_m, cfg.block_v, cfg.block_d, cfg.mm_block_m, cfg.mm_block_n, cfg.mm_block_k):
             assert b >= 16 and b & (b - 1) == 0
-    assert default_config(torch.device("cpu")) is config._INTERPRETER
+    assert default_config(torch.device("cpu"), torch.bfloat16) is config._INTERPRETER

@@ -1,0 +1,25 @@
+"""bench/bench_loss.py --cpu runs end to end: table, long-format CSV, forward ops checked."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_loss_cpu_smoke(tmp_path):
+    out = tmp_path / "bench.csv"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_loss.py"), "--cpu", "--csv", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = list(csv.DictReader(out.open()))
+    by = {(r["op"], r["impl"]): r for r in rows}
+    for key in [("fwd_bwd", "mpo"), ("fwd", "mpo"), ("fwd_bwd", "eager"), ("fwd", "eager"),
+                ("fwd_bwd", "cublas"), ("fwd", "cublas")]:
+        r = by[key]
+        assert float(r["p20_ms"]) <= float(r["p50_ms"]) <= float(r["p80_ms"]), r
+        assert r["git_sha"] and "torch=" in r["versions"]
+    assert "max |sum err|" in by[("fwd", "mpo")]["note"]
+    assert "WRONG" not in proc.stdout
+    assert set(r["impl"] for r in rows) == {"mpo", "eager", "trl", "liger", "cce", "cce_exact", "cublas"}

@@ -1,0 +1,99 @@
+"""GPU tier (`pytest -m gpu`): compiled kernels at model-sized vocabularies, bf16, N*V > 2^31.
+
+The CPU-tier tests also run on the GPU when one is present (compiled instead of interpreted);
+these add the shapes only a GPU can hold. References are fp32 over vocabulary chunks on the
+16-bit inputs (their error is ~1e-6 relative, far below the 16-bit effects being checked).
+"""
+
+import pytest
+import torch
+from helpers import IGNORE, assert_accurate, random_head
+
+import mpo
+
+pytestmark = pytest.mark.gpu
+
+
+def chunked_reference(head, *, chunk=8192, upstream=None):
+    """fp32 log-probs (and, with `upstream`, fp32 grads) without materialising [N, V]."""
+    h = head.hidden.detach().float().requires_grad_(upstream is not None)
+    w = head.weight.detach().float().requires_grad_(upstream is not None)
+    valid = head.targets != IGNORE
+    t = head.targets.clamp(min=0)
+    with torch.set_grad_enabled(upstream is not None):
+        lse = torch.full((h.shape[0],), float("-inf"), device=h.device)
+        for lo in range(0, w.shape[0], chunk):
+            lse = torch.logaddexp(lse, torch.logsumexp(h @ w[lo:lo + chunk].t(), dim=1))
+        lp = torch.where(valid, (h * w[t]).sum(1) - lse, torch.zeros_like(lse))
+        if upstream is None:
+            return lp, None
+        (lp * upstream).sum().backward()
+    return lp.detach(), (h.grad, w.grad)
+
+
+@pytest.mark.parametrize("D, V", [(4096, 92553), (3584, 152064)])
+def test_model_vocabularies_bf16(D, V):
+    head = random_head(4096, D, V, torch.bfloat16, "cuda", seed=0)
+    up = torch.randn(4096, device="cuda")
+    ref, (rh, rw) = chunked_reference(head, upstream=up)
+    out = mpo.linear_logprobs(head.hidden, head.weight, head.targets)
+    (out * up).sum().backward()
+    # in-dtype baseline: bf16 logits (the eager recipe), fp32 softmax
+    h, w = head.hidden.detach().requires_grad_(), head.weight.detach().requires_grad_()
+    base = (h @ w.t()).float().log_softmax(-1).gather(1, head.targets.clamp(min=0)[:, None]).squeeze(1)
+    base = torch.where(head.targets != IGNORE, base, torch.zeros_like(base))
+    (base * up).sum().backward()
+    assert_accurate("logp", out, base.detach(), ref, torch.bfloat16)
+    assert_accurate("dH", head.hidden.grad, h.grad, rh, torch.bfloat16)
+    assert_accurate("dW", head.weight.grad, w.grad, rw, torch.bfloat16)
+
+
+def test_rows_times_vocab_beyond_int32():
+    """N * V = 2.5e9 > 2^31: offsets must be 64-bit. Forward and gradients vs the reference."""
+    N, D, V = 16384, 128, 152064
+    head = random_head(N, D, V, torch.bfloat16, "cuda", seed=1, ignore_frac=0.0)
+    up = torch.randn(N, device="cuda")
+    ref, (rh, rw) = chunked_reference(head, upstream=up)
+    out = mpo.linear_logprobs(head.hidden, head.weight, head.targets)
+    (out * up).sum().backward()
+    assert (out - ref).abs().max().item() < 2e-3
+    tail = slice(N - 64, N)  # the rows whose offsets overflow int32 first
+    assert torch.allclose(out[tail], ref[tail], atol=2e-3, rtol=0)
+    assert (head.hidden.grad.float() - rh).abs().max().item() <= 2e-2 * rh.abs().max().item()
+    assert (head.weight.grad.float() - rw).abs().max().item() <= 2e-2 * rw.abs().max().item()
+
+
+def test_compiled_determinism_bf16():
+    head = random_head(8192, 4096, 32000, torch.bfloat16, "cuda", seed=2, bias=True)
+    seq = torch.arange(8192, device="cuda") // 300
+    runs = []
+    for _ in range(2):
+        for x in head.leaves():
+            x.grad = None
+        sums, _ = mpo.linear_sequence_logps(head.hidden, head.weight, head.targets, seq, int(seq.max()) + 1,
+                                            head.bias, softcap=30.0)
+        (sums * torch.linspace(-1, 1, sums.numel(), device="cuda")).sum().backward()
+        runs.append([sums.detach()] + [x.grad.clone() for x in head.leaves()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_mpo_loss_bf16_matches_torch_path():
+    g = torch.Generator(device="cuda").manual_seed(3)
+    P, T, D, V = 16, 200, 2048, 50000
+    hidden = torch.randn(2 * P * T, D, device="cuda", generator=g).bfloat16().requires_grad_()
+    weight = (torch.randn(V, D, device="cuda", generator=g) / D**0.5).bfloat16().requires_grad_()
+    targets = torch.randint(0, V, (2 * P * T,), device="cuda", generator=g)
+    seq = torch.arange(2 * P, device="cuda").repeat_interleave(T)
+    ref = -torch.rand(2 * P, device="cuda", generator=g) * 2000
+    out = {}
+    for impl in ("triton", "torch"):
+        hidden.grad = weight.grad = None
+        loss, m = mpo.MPOLoss(impl=impl)(hidden, weight, targets, seq, ref[0::2], ref[1::2])
+        loss.backward()
+        out[impl] = (loss.item(), hidden.grad.float(), weight.grad.float(), m["rewards/margins"].item())
+    a, b = out["triton"], out["torch"]
+    assert a[0] == pytest.approx(b[0], rel=1e-2)
+    assert a[3] == pytest.approx(b[3], rel=5e-2, abs=5e-2)
+    for x, y in zip(a[1:3], b[1:3]):
+        assert (x - y).abs().max().item() <= 5e-2 * y.abs().max().item()
