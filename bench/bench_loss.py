@@ -130,15 +130,20 @@ def _eager_token_logps(p: Problem):
     return logits.float().log_softmax(-1).gather(1, p.targets[:, None]).squeeze(1)
 
 
-def impl_eager(p: Problem):
+def _token_logps_ops(p: Problem, token_logps):
+    """The two ops for an implementation that yields per-token log-probs (then the torch loss)."""
     def fwd_bwd():
-        p.loss_from_token_logps(_eager_token_logps(p)).backward()
+        p.loss_from_token_logps(token_logps()).backward()
 
     def fwd():
         with torch.no_grad():
-            return p.sums_from_token_logps(_eager_token_logps(p))
+            return p.sums_from_token_logps(token_logps())
 
     return fwd_bwd, fwd
+
+
+def impl_eager(p: Problem):
+    return _token_logps_ops(p, lambda: _eager_token_logps(p))
 
 
 def impl_trl(p: Problem):
@@ -151,14 +156,7 @@ def impl_trl(p: Problem):
         # vocabulary chunk 32768: what TRL's trainer passes; outputs=(): log-probs only
         return ChunkedLogProbFunction.apply(p.hidden, p.weight, None, p.targets, 1.0, 32768, None, 1.0, ())[0]
 
-    def fwd_bwd():
-        p.loss_from_token_logps(token_logps()).backward()
-
-    def fwd():
-        with torch.no_grad():
-            return p.sums_from_token_logps(token_logps())
-
-    return fwd_bwd, fwd
+    return _token_logps_ops(p, token_logps)
 
 
 def impl_liger(p: Problem):
@@ -189,14 +187,7 @@ def _impl_cce(p: Problem, filter_eps):
     def token_logps():
         return -linear_cross_entropy(p.hidden, p.weight, p.targets, reduction="none", filter_eps=filter_eps)
 
-    def fwd_bwd():
-        p.loss_from_token_logps(token_logps()).backward()
-
-    def fwd():
-        with torch.no_grad():
-            return p.sums_from_token_logps(token_logps())
-
-    return fwd_bwd, fwd
+    return _token_logps_ops(p, token_logps)
 
 
 def impl_cce(p: Problem):

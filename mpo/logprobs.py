@@ -89,18 +89,31 @@ def check_head(hidden, weight, targets, bias) -> tuple[torch.Tensor, torch.Tenso
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"targets shape {tuple(targets.shape)} must equal hidden's leading dims "
                          f"{tuple(hidden.shape[:-1])}")
-    if hidden.dtype not in _FLOAT_DTYPES or weight.dtype != hidden.dtype:
-        raise ValueError(f"hidden and weight must share one of {_FLOAT_DTYPES}, got "
+    if hidden.dtype not in _FLOAT_DTYPES or weight.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"hidden and weight must be one of {_FLOAT_DTYPES}, got "
                          f"{hidden.dtype} and {weight.dtype}")
     if targets.dtype.is_floating_point or targets.dtype == torch.bool:
         raise ValueError(f"targets must be an integer tensor, got {targets.dtype}")
     if bias is not None and (tuple(bias.shape) != (weight.shape[0],) or bias.dtype != weight.dtype):
         raise ValueError(f"bias must be [V={weight.shape[0]}] of {weight.dtype}, got "
                          f"{tuple(bias.shape)} {bias.dtype}")
+    if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
+        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype "
+                         "(outside torch.autocast)")
     devices = {t.device for t in (hidden, weight, targets, bias) if t is not None}
     if len(devices) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
     return hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+
+
+def compute_dtype(hidden, weight, bias):
+    """Under torch.autocast with mixed dtypes (e.g. bf16 activations, an fp32 LM-head weight) the
+    head runs in the autocast dtype, as F.linear would; the casts are differentiable, so each
+    gradient comes back in its input's dtype. The cast weight is a temporary copy."""
+    if hidden.dtype == weight.dtype:
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(hidden.device.type)
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 def check_targets(targets_c: torch.Tensor, vocab: int) -> None:
@@ -110,8 +123,20 @@ def check_targets(targets_c: torch.Tensor, vocab: int) -> None:
             raise ValueError(f"targets must lie in [0, {vocab}) or equal ignore_index; found {lo}..{hi}")
 
 
+def _no_autocast(fn):
+    """Run an autograd Function's forward/backward with autocast off: inputs were already cast by
+    `compute_dtype`, and both paths must see the same dtypes."""
+
+    def wrapped(ctx, first, *args):  # first: hidden in forward, the output gradient in backward
+        with torch.autocast(first.device.type, enabled=False):
+            return fn(ctx, first, *args)
+
+    return wrapped
+
+
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
+    @_no_autocast
     def forward(ctx, hidden, weight, bias, rows, targets_c, opts: HeadOptions):
         out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse, _ = opts.backend.forward(hidden, weight, bias, rows, targets_c, out=out, **opts.math)
@@ -120,6 +145,7 @@ class _TokenLogprobs(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_no_autocast
     def backward(ctx, grad_out):
         hidden, weight, bias, rows, targets_c, lse = ctx.saved_tensors
         grads = ctx.opts.backend.backward(
@@ -130,6 +156,7 @@ class _TokenLogprobs(torch.autograd.Function):
 
 class _SequenceLogps(torch.autograd.Function):
     @staticmethod
+    @_no_autocast
     def forward(ctx, hidden, weight, bias, rows, targets_c, row_seq, seg_offsets, opts: HeadOptions):
         lse, sums = opts.backend.forward(hidden, weight, bias, rows, targets_c,
                                          seg_offsets=seg_offsets, **opts.math)
@@ -138,6 +165,7 @@ class _SequenceLogps(torch.autograd.Function):
         return sums
 
     @staticmethod
+    @_no_autocast
     def backward(ctx, grad_sums):
         hidden, weight, bias, rows, targets_c, row_seq, lse = ctx.saved_tensors
         # A sequence sum's gradient reaches each of its tokens unchanged: the kernel gathers
@@ -163,7 +191,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     rows = (targets1d != ignore_index).nonzero().squeeze(1)
     targets_c = targets1d[rows].contiguous()
     check_targets(targets_c, weight.shape[0])
-    out = _TokenLogprobs.apply(hidden2d, weight, bias, rows, targets_c, opts)
+    out = _TokenLogprobs.apply(*compute_dtype(hidden2d, weight, bias), rows, targets_c, opts)
     return out.reshape(shape)
 
 
@@ -195,6 +223,7 @@ def linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     counts = torch.bincount(row_seq, minlength=num_seqs)
     seg_offsets = torch.zeros(num_seqs + 1, dtype=torch.int64, device=hidden.device)
     torch.cumsum(counts, 0, out=seg_offsets[1:])
+    hidden2d, weight, bias = compute_dtype(hidden2d, weight, bias)
     sums = _SequenceLogps.apply(hidden2d, weight, bias, rows, targets_c, row_seq, seg_offsets, opts)
     return sums, counts
 

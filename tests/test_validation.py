@@ -15,8 +15,8 @@ def inputs(N=6, D=8, V=10):
     (lambda h, w, t: (h[0], w, t[0]), "hidden must be"),
     (lambda h, w, t: (h, w[:, :5], t), "weight must be"),
     (lambda h, w, t: (h, w, t[:4]), "targets shape"),
-    (lambda h, w, t: (h.double(), w.double(), t), "share one of"),
-    (lambda h, w, t: (h, w.half(), t), "share one of"),
+    (lambda h, w, t: (h.double(), w.double(), t), "must be one of"),
+    (lambda h, w, t: (h, w.half(), t), "share a dtype"),
     (lambda h, w, t: (h, w, t.float()), "integer"),
     (lambda h, w, t: (h, w, torch.full_like(t, 10)), r"\[0, 10\)"),
     (lambda h, w, t: (h, w, torch.full_like(t, -1)), r"\[0, 10\)"),
@@ -66,3 +66,18 @@ def test_dispatch(monkeypatch):
         resolve_impl("triton", cpu)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert resolve_impl("auto", cpu) == "triton"
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_autocast_mixed_dtypes(impl):
+    """bf16 activations with an fp32 weight under autocast: computed in bf16 like F.linear would,
+    each gradient returned in its own input's dtype."""
+    h, w, t = inputs(N=33, D=40, V=70)
+    h = h.bfloat16().requires_grad_()
+    w = w.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mpo.linear_logprobs(h, w, t, impl=impl)
+    out.sum().backward()
+    assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    ref = mpo.linear_logprobs(h.detach(), w.detach().bfloat16(), t, impl=impl)
+    assert torch.equal(out, ref)
