@@ -5,7 +5,8 @@ Two ops on N scored tokens in P pairs (chosen and rejected responses of T tokens
            0.8 DPO + 0.2 BCO + 1.0 SFT, forward and backward (hidden and LM-head weight grads);
   fwd      the reference pass: per-pair log-prob sums, forward only.
 Implementations:
-  mpo        mpo.MPOLoss / mpo.linear_sequence_logps (Triton on CUDA)
+  mpo        mpo.MPOLoss / mpo.linear_sequence_logps (Triton on CUDA); reward shift off, so that
+             every implementation computes the same loss
   eager      materialised logits, fp32 log_softmax, gather, the torch loss
   trl        TRL's chunked log-prob (trl.kernels.ChunkedLogProbFunction) + the torch loss
   liger      Liger-Kernel's LigerFusedLinearDPOLoss: sigmoid (DPO) + NLL only, and reference-free,
@@ -14,8 +15,10 @@ Implementations:
   cce_exact  the same with filter_eps=None (no gradient filtering)
   cublas     the floor: the same matmuls alone with torch.mm (fwd: 2NDV; fwd_bwd: 8NDV = forward,
              recompute, dH, dW), over vocabulary chunks into a reused buffer
-Reported: p20/p50/p80 ms (triton.testing.do_bench), peak memory beyond the inputs and their
-gradients, TFLOP/s against 8NDV (fwd_bwd) and 2NDV (fwd). A table is printed and rows are appended
+Before timing, each op (but liger's and cublas's) is checked against an fp32 reference of the
+sums and of dH and dW; a wrong one is reported and not timed. Reported: p20/p50/p80 ms
+(triton.testing.do_bench), peak memory beyond the inputs and their gradients, TFLOP/s against
+8NDV (fwd_bwd) and 2NDV (fwd). A table is printed and rows are appended
 to a long-format CSV.
 
     python bench/bench_loss.py                       # CUDA, the three model shapes, N in 4096/16384/65536
@@ -50,6 +53,7 @@ MODELS = {  # name: (D, V) of the LM head
 CPU_MODELS = {"tiny": (64, 509)}
 IMPLS = ("mpo", "eager", "trl", "liger", "cce", "cce_exact", "cublas")
 BETA, WEIGHTS = 0.1, (0.8, 0.2, 1.0)
+UNCHECKED = ("liger", "cublas")  # a different loss (DPO + NLL, reference-free); matmuls only
 CSV_FIELDS = ("date", "op", "impl", "model", "N", "D", "V", "dtype", "p20_ms", "p50_ms", "p80_ms",
               "peak_mb", "tflops", "note", "device", "versions", "git_sha")
 
@@ -94,16 +98,38 @@ class Problem:
     def sums_from_token_logps(self, token_logps):
         return mpo.sequence_logps(token_logps, self.seq_ids, 2 * self.P)[0]
 
-    def reference_sums(self):
-        """Float32 per-sequence sums from eager logits over vocabulary chunks: what every forward
-        op must reproduce (up to its dtype) before it is timed."""
+    @torch.no_grad()
+    def _reference_lse(self, h, w, chunk=8192):
+        lse = torch.full((self.N,), float("-inf"), device=self.device)
+        for lo in range(0, self.V, chunk):
+            lse = torch.logaddexp(lse, torch.logsumexp(h @ w[lo:lo + chunk].t(), dim=1))
+        return lse
+
+    def reference(self, chunk=8192):
+        """fp32 per-sequence sums and loss gradients (dH, dW), over vocabulary chunks on the
+        (rounded) inputs: what every implementation must reproduce, up to its dtype, before it
+        is timed."""
         with torch.no_grad():
             h, w = self.hidden.float(), self.weight.float()
-            lse = torch.full((self.N,), float("-inf"), device=self.device)
-            for lo in range(0, self.V, 8192):
-                lse = torch.logaddexp(lse, torch.logsumexp(h @ w[lo:lo + 8192].t(), dim=1))
+            lse = self._reference_lse(h, w, chunk)
             tok = (h * w[self.targets]).sum(1) - lse
-            return self.sums_from_token_logps(tok)
+        sums = self.sums_from_token_logps(tok).requires_grad_()
+        counts = torch.bincount(self.seq_ids, minlength=2 * self.P)
+        loss, _ = mpo.preference_loss(sums[0::2], sums[1::2], self.ref[0::2], self.ref[1::2], beta=BETA,
+                                      loss_weights=WEIGHTS, chosen_token_count=counts[0::2].sum())
+        loss.backward()
+        with torch.no_grad():
+            g = sums.grad[self.seq_ids]  # d loss / d token log-prob
+            dh, dw = torch.zeros_like(h), torch.empty_like(w)
+            for lo in range(0, self.V, chunk):
+                hi = min(lo + chunk, self.V)
+                dz = -torch.exp(h @ w[lo:hi].t() - lse[:, None])
+                rows = ((self.targets >= lo) & (self.targets < hi)).nonzero().squeeze(1)
+                dz[rows, self.targets[rows] - lo] += 1
+                dz *= g[:, None]
+                dh += dz @ w[lo:hi]
+                dw[lo:hi] = dz.t() @ h
+        return sums.detach(), dh, dw
 
 
 # --- implementations: each returns (fwd_bwd callable, fwd callable) -------------------------------------
@@ -111,7 +137,8 @@ class Problem:
 def impl_mpo(p: Problem):
     from mpo.logprobs import resolve_impl
 
-    crit = mpo.MPOLoss(beta=BETA, loss_weights=WEIGHTS)
+    # reward_shift "none": the same loss as every other implementation here (delta = 0)
+    crit = mpo.MPOLoss(beta=BETA, loss_weights=WEIGHTS, reward_shift="none")
     impl_mpo.note = f"{resolve_impl('auto', p.device)} path"
 
     def fwd_bwd():
@@ -260,14 +287,27 @@ def measure(fn, p: Problem, *, backward: bool, reps: int) -> tuple[list[float], 
     return [q[1], statistics.median(times), q[7]], None
 
 
-def agrees(fwd, p: Problem, row: dict) -> bool:
-    """Compare a forward op's sums with the float32 reference; note the error, refuse to time a
-    wrong result (tolerance: 16-bit rounding of log-probs summed over T tokens)."""
+def agrees(op: str, fn, p: Problem, row: dict) -> bool:
+    """Check an op against the fp32 reference and note the error; refuse to time a wrong result.
+    fwd: the per-sequence sums (16-bit rounding of log-probs summed over T tokens is allowed);
+    fwd_bwd: max |grad error| / max |reference grad| of dH and dW."""
     if not hasattr(p, "_reference"):
-        p._reference = p.reference_sums()
-    err = (fwd().float() - p._reference).abs().max().item()
-    tol = (2e-2 if p.dtype != torch.float32 else 1e-4) * p.T
-    row["note"] = (row["note"] + "; " if row["note"] else "") + f"max |sum err| {err:.2g}"
+        p._reference = p.reference()
+    sums, dh, dw = p._reference
+    low = p.dtype != torch.float32
+    if op == "fwd":
+        err = (fn().float() - sums).abs().max().item()
+        tol = (2e-2 if low else 1e-4) * p.T
+        what = f"max |sum err| {err:.2g}"
+    else:
+        p.hidden.grad = p.weight.grad = None
+        fn()
+        err = max(((x.grad.float() - r).abs().max() / r.abs().max()).item()
+                  for x, r in ((p.hidden, dh), (p.weight, dw)))
+        p.hidden.grad = p.weight.grad = None
+        tol = 5e-2 if low else 1e-3
+        what = f"max grad err {err:.2g}"
+    row["note"] = (row["note"] + "; " if row["note"] else "") + what
     if not err <= tol:
         row["note"] += f" > {tol:.2g}: WRONG, not timed"
         return False
@@ -325,6 +365,9 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown impls {sorted(unknown)}")
     ops = args.ops.split(",")
+    bad = [n for n in tokens if n % (2 * seq_len)]
+    if bad:
+        ap.error(f"--tokens {bad}: N must be a multiple of 2 x --seq-len ({2 * seq_len}): P pairs of T tokens each")
 
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"), device=device_name,
                 versions=versions(), git_sha=git_sha(), dtype=args.dtype)
@@ -347,7 +390,7 @@ def main(argv=None) -> int:
                     row = dict(meta, op=op, impl=impl, model=model, N=N, D=D, V=V, note=note)
                     if fn is None:
                         row["note"] = note or "no forward-only op"
-                    elif op == "fwd" and impl != "cublas" and not agrees(fn, p, row):
+                    elif impl not in UNCHECKED and not agrees(op, fn, p, row):
                         pass
                     else:
                         try:

@@ -4,7 +4,8 @@ Runs the real launchers (`mpo.kernels.lm_head`, `mpo.kernels.mpo_pair_loss`) on 
 while intercepting each Triton launch: the launch's arguments go through Triton's own binder (so
 the specialisation - stride == 1, 16-byte alignment, divisibility by 16 - is exactly what a GPU
 launch would get) and are compiled for the target with ptxas. Reports registers per thread,
-spill stack bytes, shared memory and whether Hopper's wgmma was used. Nothing is timed.
+spill stack bytes, shared memory and whether Hopper's wgmma was used. Nothing is timed. Exits 1
+if a 16-bit kernel spills at aligned shapes (D a multiple of 16), the ones real models have.
 
     python bench/kernel_resources.py --cc 90 --cc 80 [--dtype bf16] [--D 4096 --V 152064]
 
@@ -47,6 +48,7 @@ class Compiler:
         self.target = GPUTarget("cuda", cc, 32)
         self.backend = make_backend(self.target)
         self.rows: dict[tuple, dict] = {}
+        self.shape = "aligned"  # which exercise is running: "aligned" or "odd"
 
     def run(self, fn: JITFunction, *args, grid, warmup, **kwargs):
         binder = create_function_from_signature(fn.signature, fn.params, self.backend)
@@ -54,11 +56,11 @@ class Compiler:
         options, signature, constexprs, attrs = fn._pack_args(self.backend, kwargs, bound, specialization,
                                                               options)
         consts = {fn.arg_names[k[0]]: v for k, v in constexprs.items() if isinstance(v, (bool, str))}
-        key = (fn.__name__, str(sorted(signature.items())), str(sorted(consts.items())))
+        key = (fn.__name__, str(sorted(signature.items())), str(sorted(consts.items())), str(attrs))
         if key not in self.rows:
             kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=self.target,
                                     options=options.__dict__)
-            self.rows[key] = self._resources(fn.__name__, consts, kernel, options)
+            self.rows[key] = dict(self._resources(fn.__name__, consts, kernel, options), shape=self.shape)
 
     @staticmethod
     def _resources(name, consts, kernel, options) -> dict:
@@ -76,18 +78,20 @@ class Compiler:
 
 
 def exercise(dtype: torch.dtype, cfg, M: int, D: int, V: int, pairs: int) -> None:
-    """Drive every launcher once in each mode (bias/softcap on and off, token and segment)."""
+    """Drive every launcher once in each mode (bias/softcap on and off, a frozen bias, token and
+    segment); each distinct specialisation is compiled once."""
     hidden, weight = torch.zeros(M, D, dtype=dtype), torch.zeros(V, D, dtype=dtype)
     bias = torch.zeros(V, dtype=dtype)
     rows, targets = torch.arange(M), torch.zeros(M, dtype=torch.int64)
     cfg = cfg.with_(scratch_bytes=max(cfg.scratch_bytes, M * cfg.block_v * 2 * 4))
-    for b, cap in ((None, None), (bias, 30.0)):
+    for b, cap, needs in ((None, None, (True, True, False)), (bias, 30.0, (True, True, True)),
+                          (bias, None, (True, False, False))):
         lse, _ = lm_head.forward(hidden, weight, b, rows, targets, temperature=1.0, softcap=cap,
                                  out=torch.zeros(M), cfg=cfg)
         lm_head.forward(hidden, weight, b, rows, targets, temperature=1.0, softcap=cap,
                         seg_offsets=torch.tensor([0, M // 2, M]), cfg=cfg)
         lm_head.backward(hidden, weight, b, rows, targets, lse, torch.zeros(M), rows, temperature=1.0,
-                         softcap=cap, needs=(True, True, b is not None), cfg=cfg)
+                         softcap=cap, needs=needs, cfg=cfg)
     logps = torch.zeros(2 * pairs)
     mpo_pair_loss(logps, logps[:pairs], logps[:pairs], torch.ones(1), beta=0.1, delta=0.0,
                   weights=(0.8, 0.2, 1.0))
@@ -112,17 +116,22 @@ def main(argv=None) -> int:
         try:
             for name in args.dtype or ["bf16"]:
                 cfg = config.family_config(cc, DTYPES[name]).with_(**overrides)
+                compiler.shape = "aligned"
                 exercise(DTYPES[name], cfg, args.M, args.D, args.V, pairs=64)
+                # Odd shapes specialise differently (one row, one pair, D not a multiple of 16):
+                # they must compile; unaligned loads may spill, which is reported, not failed.
+                compiler.shape = "odd"
+                exercise(DTYPES[name], cfg, 1, args.D - 1, args.V, pairs=1)
         finally:
             JITFunction.run = real_run
         print(f"sm_{cc}: D={args.D} V={args.V}")
-        cols = ["kernel", "flags", "warps", "stages", "regs", "spill_stack", "smem_kb", "wgmma"]
-        print("  " + " | ".join(cols))
-        for (_, sig, _), row in sorted(compiler.rows.items()):
+        cols = ["kernel", "flags", "warps", "stages", "regs", "spill_stack", "smem_kb", "wgmma", "shape"]
+        print("  " + " | ".join(cols) + " | dtype")
+        for (_, sig, _, _), row in sorted(compiler.rows.items()):
             dtype = re.search(r"'H', '\*(\w+)'|'A', '\*(\w+)'", sig)
             tag = next((g for g in (dtype.groups() if dtype else ()) if g), "fp32")
             print("  " + " | ".join(str(row[c]) for c in cols) + f" | {tag}")
-            failed |= row["spill_stack"] > 0 and tag != "fp32"
+            failed |= row["spill_stack"] > 0 and tag != "fp32" and row["shape"] == "aligned"
     return 1 if failed else 0
 
 

@@ -39,8 +39,13 @@ class TileConfig:
     mm_group_m: int = 8
     mm_num_warps: int = 8
     mm_num_stages: int = 3
-    # Upper bound on the backward's dlogits scratch buffer ([rows, V chunk] in the input dtype).
+    # The backward's dlogits scratch ([rows, V chunk] in the input dtype): as many columns as fit
+    # scratch_bytes, but at least min_chunk_cols. Every chunk reads and writes the fp32 dH
+    # accumulator (8*M*D bytes) against 6*M*D*chunk flops, so narrow chunks turn the backward
+    # memory-bound: at ~800 TFLOP/s and 3.35 TB/s the traffic costs ~320/chunk of the matmul time
+    # (8% at 4096 columns). Large M therefore grows the scratch rather than the chunk count.
     scratch_bytes: int = 64 << 20
+    min_chunk_cols: int = 4096
     # Grid size the forward aims for by splitting V; ~4 waves of a 132-SM H100.
     target_programs: int = 528
 
@@ -51,7 +56,7 @@ class TileConfig:
 _INTERPRETER = TileConfig(
     block_m=64, block_v=64, block_d=64, num_warps=1, num_stages=1,
     mm_block_m=64, mm_block_n=64, mm_block_k=64, mm_group_m=4, mm_num_warps=1, mm_num_stages=1,
-    target_programs=8,
+    min_chunk_cols=0, target_programs=8,
 )
 _HOPPER = TileConfig()
 _AMPERE = TileConfig(num_stages=2, target_programs=432)

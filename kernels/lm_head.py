@@ -6,10 +6,10 @@ per-sequence sums. Backward (6*M*D*V flops), per vocabulary chunk of width Vc (b
     dW[chunk]  = dz^T @ H[rows]        written once, fp32 accumulation over M
     dH_acc    += dz @ W[chunk]         fp32 accumulator [M, D] across chunks (in chunk order)
     db[chunk]  = fixed-order sum of per-row-block column sums
-Nothing [M, V]-sized is ever allocated. Extra memory: the scratch (cfg.scratch_bytes) plus, when
-V spans more than one chunk, the fp32 dH accumulator (4*M*D bytes): accumulating the chunks into
-the 16-bit gradient instead would round once per chunk. No atomics: the result is bitwise
-reproducible run to run.
+Nothing [M, V]-sized is ever allocated. Extra memory: the scratch (max(cfg.scratch_bytes,
+M * cfg.min_chunk_cols * itemsize)) plus, when V spans more than one chunk, the fp32 dH accumulator
+(4*M*D bytes): accumulating the chunks into the 16-bit gradient instead would round once per chunk.
+No atomics: the result is bitwise reproducible run to run.
 
 Under the CPU interpreter with bf16, tiles are upcast after loading and the scratch and outputs
 are fp32, then rounded by torch (the interpreter's own fp32->bf16 cast truncates).
@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from .config import TileConfig, default_config, interpreting
+from . import INTERPRETED
+from .config import TileConfig, default_config
 from .grad_matmul import grad_matmul
 from .logits_grad import logits_grad, scratch_columns
 from .lse_merge import lse_merge
@@ -28,7 +29,8 @@ from .lse_partials import lse_partials
 
 
 def _modes(dtype: torch.dtype) -> tuple[bool, str]:
-    upcast = interpreting() and dtype == torch.bfloat16
+    # INTERPRETED, not the environment now: what counts is how the kernels were decorated.
+    upcast = INTERPRETED and dtype == torch.bfloat16
     # fp32 inputs get true fp32 products (torch's default for fp32 matmul), not TF32.
     return upcast, "ieee" if dtype == torch.float32 else "tf32"
 

@@ -9,7 +9,8 @@ its sequence's coefficient broadcast to the tokens of that sequence) and column 
 The upstream scale is applied here, BEFORE the D- and N-reductions of the gradient matmuls, so an
 arbitrary (non-uniform, signed) upstream gradient is exact. dz is stored to a [M, V_CHUNK] scratch
 in the input dtype (what the gradient matmuls consume), masked to 0 outside [M] x [V_LO, V_HI).
-With a bias, each row block also writes its fp32 column sums of dz to DB_PART[row block, :];
+When the bias needs a gradient (BIAS_GRAD), each row block also writes its fp32 column sums of dz
+to DB_PART[row block, :];
 the launcher adds those rows in a fixed order (no atomics).
 Program ids run over row blocks fastest, so programs in flight share W tiles through L2.
 """
@@ -27,8 +28,8 @@ def _logits_grad_kernel(
     M, V_LO, V_HI, D,
     stride_hn, stride_hd, stride_wv, stride_wd, stride_dzm, stride_dbr,
     temperature, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -58,14 +59,14 @@ def _logits_grad_kernel(
 
     dz_ptrs = DZ + offs_m.to(tl.int64)[:, None] * stride_dzm + offs_c[None, :]
     tl.store(dz_ptrs, dz.to(DZ.dtype.element_ty), mask=row_ok[:, None] & v_ok[None, :])
-    if HAS_BIAS:
+    if BIAS_GRAD:
         tl.store(DB_PART + row_block * stride_dbr + offs_c, tl.sum(dz, axis=0), mask=v_ok)
 
 
 def logits_grad(hidden, weight, bias, rows, targets, lse, grad, grad_index, dz, db_part, *,
                 v_lo: int, v_hi: int, temperature, softcap, cfg: TileConfig, upcast: bool,
                 dot_precision: str):
-    """Fill dz[:, :v_hi - v_lo] (and db_part when there is a bias) for vocabulary [v_lo, v_hi)."""
+    """Fill dz[:, :v_hi - v_lo] (and db_part, when given) for vocabulary [v_lo, v_hi)."""
     M, D = rows.numel(), hidden.shape[1]
     n_row_blocks = triton.cdiv(M, cfg.block_m)
     n_col_tiles = triton.cdiv(v_hi - v_lo, cfg.block_v)
@@ -76,16 +77,17 @@ def logits_grad(hidden, weight, bias, rows, targets, lse, grad, grad_index, dz, 
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), dz.stride(0),
         db_part.stride(0) if db_part is not None else 0,
         float(temperature), float(softcap or 1.0),
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, UPCAST=upcast,
-        DOT_PRECISION=dot_precision,
+        HAS_BIAS=bias is not None, BIAS_GRAD=db_part is not None, HAS_SOFTCAP=softcap is not None,
+        UPCAST=upcast, DOT_PRECISION=dot_precision,
         BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
 def scratch_columns(M: int, itemsize: int, V: int, cfg: TileConfig) -> int:
-    """Vocabulary chunk width: whole BLOCK_V tiles, as many as fit cfg.scratch_bytes (at least one)."""
+    """Vocabulary chunk width in whole BLOCK_V tiles: what fits cfg.scratch_bytes, at least
+    cfg.min_chunk_cols (and one tile), at most V rounded up to a tile."""
     per_tile = max(M, 1) * cfg.block_v * itemsize
-    tiles = max(1, cfg.scratch_bytes // per_tile)
+    tiles = max(1, cfg.scratch_bytes // per_tile, triton.cdiv(cfg.min_chunk_cols, cfg.block_v))
     return min(tiles * cfg.block_v, triton.cdiv(V, cfg.block_v) * cfg.block_v)
 

@@ -16,6 +16,7 @@ import importlib
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from mpo.kernels import config as kernel_config
 
@@ -109,7 +110,9 @@ def check_head(hidden, weight, targets, bias) -> tuple[torch.Tensor, torch.Tenso
 def compute_dtype(hidden, weight, bias):
     """Under torch.autocast with mixed dtypes (e.g. bf16 activations, an fp32 LM-head weight) the
     head runs in the autocast dtype, as F.linear would; the casts are differentiable, so each
-    gradient comes back in its input's dtype. The cast weight is a temporary copy."""
+    gradient comes back in its input's dtype. The cast weight copy (V x D) lives until backward."""
+    if bias is not None:
+        bias = bias.contiguous()  # the kernels read it with unit stride
     if hidden.dtype == weight.dtype:
         return hidden, weight, bias
     dtype = torch.get_autocast_dtype(hidden.device.type)
@@ -145,6 +148,7 @@ class _TokenLogprobs(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     @_no_autocast
     def backward(ctx, grad_out):
         hidden, weight, bias, rows, targets_c, lse = ctx.saved_tensors
@@ -165,6 +169,7 @@ class _SequenceLogps(torch.autograd.Function):
         return sums
 
     @staticmethod
+    @once_differentiable
     @_no_autocast
     def backward(ctx, grad_sums):
         hidden, weight, bias, rows, targets_c, row_seq, lse = ctx.saved_tensors

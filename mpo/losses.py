@@ -205,6 +205,8 @@ def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected
     pc, pr, rc, rr = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors)
     batch = PairBatch(pc, pr, rc, rr, float(beta), float(reward_shift), float(label_smoothing),
                       chosen_lengths, rejected_lengths)
+    if pair_count is not None and not pair_count > 0:
+        raise ValueError(f"pair_count must be > 0, got {pair_count}")
     norm = P if pair_count is None else pair_count
 
     loss = pc.new_zeros(())
@@ -216,7 +218,9 @@ def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected
                 if chosen_lengths is None:
                     raise ValueError("loss type 'sft' needs chosen_token_count or chosen_lengths")
                 count = torch.as_tensor(chosen_lengths).sum()
-            term = -pc.sum() / torch.as_tensor(count, dtype=pc.dtype, device=pc.device).clamp(min=1)
+            count = torch.as_tensor(count, dtype=pc.dtype, device=pc.device)
+            # no chosen tokens: no generation term (as the fused kernel does)
+            term = torch.where(count > 0, -pc.sum() / count.clamp(min=1), pc.new_zeros(()))
             loss = loss + w * term
         else:
             per_pair = PAIR_LOSSES[name](batch)

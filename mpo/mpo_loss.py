@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from mpo.logprobs import linear_sequence_logps
 from mpo.losses import (
@@ -49,6 +50,7 @@ class _MPOPairLoss(torch.autograd.Function):
         return loss, stats
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss, _grad_stats):
         (grad,) = ctx.saved_tensors
         return grad * grad_loss, None, None, None, None
@@ -59,7 +61,8 @@ class MPOLoss(torch.nn.Module):
 
     forward(hidden [..., D], weight [V, D], targets [...], seq_ids [...], ref_chosen_logps [P],
     ref_rejected_logps [P], bias=None, *, chosen_token_count=None, pair_count=None)
-    -> (loss, metrics). seq_ids: pair i -> chosen 2i, rejected 2i + 1, -1 = not scored.
+    -> (loss, metrics). seq_ids: pair i -> chosen 2i, rejected 2i + 1, -1 = not scored. P may be 0
+    (a rank without pairs still takes part in the reward shift's all-reduce; its loss is 0).
     chosen_token_count / pair_count: global normalisers (all micro-batches and ranks of a step);
     by default this call's. The reward shift is updated only in training mode; metrics include
     TRL's names, loss/<type> and reward_shift.
@@ -83,9 +86,9 @@ class MPOLoss(torch.nn.Module):
     def forward(self, hidden, weight, targets, seq_ids, ref_chosen_logps, ref_rejected_logps,
                 bias=None, *, chosen_token_count=None, pair_count=None):
         P = ref_chosen_logps.numel()
-        if P == 0 or ref_chosen_logps.shape != (P,) or ref_rejected_logps.shape != (P,):
-            raise ValueError("ref_chosen_logps and ref_rejected_logps must be non-empty [P] tensors, "
-                             f"got {tuple(ref_chosen_logps.shape)} and {tuple(ref_rejected_logps.shape)}")
+        if ref_chosen_logps.shape != (P,) or ref_rejected_logps.shape != (P,):
+            raise ValueError("ref_chosen_logps and ref_rejected_logps must be [P] tensors, got "
+                             f"{tuple(ref_chosen_logps.shape)} and {tuple(ref_rejected_logps.shape)}")
         ref_c = ref_chosen_logps.to(hidden.device, torch.float32).contiguous()
         ref_r = ref_rejected_logps.to(hidden.device, torch.float32).contiguous()
         sums, counts = linear_sequence_logps(hidden, weight, targets, seq_ids, 2 * P, bias, **self.head)
@@ -98,6 +101,10 @@ class MPOLoss(torch.nn.Module):
             with torch.no_grad():
                 delta = self.reward_shift.update(self.beta * torch.cat([chosen - ref_c, rejected - ref_r]))
 
+        if P == 0:
+            # A micro-batch (or rank) without pairs: it joined the reward shift's all-reduce above,
+            # and its zero loss still reaches hidden and weight (zero gradients, same graph).
+            return sums.sum(), {"reward_shift": torch.tensor(float(delta))}
         if self._fusable(hidden):
             w = dict(zip(self.loss_types, self.loss_weights))
             spec = _PairSpec(self.beta, float(delta), tuple(w.get(t, 0.0) for t in _FUSED_TYPES),

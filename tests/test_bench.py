@@ -21,5 +21,6 @@ def test_bench_loss_cpu_smoke(tmp_path):
         assert float(r["p20_ms"]) <= float(r["p50_ms"]) <= float(r["p80_ms"]), r
         assert r["git_sha"] and "torch=" in r["versions"]
     assert "max |sum err|" in by[("fwd", "mpo")]["note"]
+    assert "max grad err" in by[("fwd_bwd", "mpo")]["note"] and "max grad err" in by[("fwd_bwd", "eager")]["note"]
     assert "WRONG" not in proc.stdout
     assert set(r["impl"] for r in rows) == {"mpo", "eager", "trl", "liger", "cce", "cce_exact", "cublas"}

@@ -28,7 +28,7 @@ OPTIONS = {  # name: (temperature, softcap, bias)
 # (so the fp32 dH accumulator path and per-chunk dW writes run), partial tiles everywhere.
 TINY = TileConfig(block_m=32, block_v=32, block_d=32, num_warps=1, num_stages=1, mm_block_m=32,
                   mm_block_n=32, mm_block_k=32, mm_group_m=2, mm_num_warps=1, mm_num_stages=1,
-                  scratch_bytes=32 * 96 * 4 * 4, target_programs=128)
+                  scratch_bytes=32 * 96 * 4 * 4, min_chunk_cols=0, target_programs=128)
 
 
 def check_against_oracle(impl, dtype, temperature, softcap, use_bias, N=251, D=123, V=507):
@@ -131,3 +131,46 @@ def test_default_configs_are_valid():
         for b in (cfg.block_m, cfg.block_v, cfg.block_d, cfg.mm_block_m, cfg.mm_block_n, cfg.mm_block_k):
             assert b >= 16 and b & (b - 1) == 0
     assert default_config(torch.device("cpu"), torch.bfloat16) is config._INTERPRETER
+
+
+@pytest.mark.parametrize("trainable", ["hidden", "weight", "hidden+weight", "bias"])
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_partial_requires_grad_with_bias(impl, trainable, poison, monkeypatch):
+    """A bias that needs no gradient (or inputs that need none) must not change anything else;
+    small tiles put several row blocks and chunks in play."""
+    monkeypatch.setattr(lm_head, "default_config", lambda device, dtype: TINY)
+    dev = device_for(impl)
+    head = random_head(150, 40, 200, torch.float32, dev, bias=True)
+    for name, x in zip(("hidden", "weight", "bias"), head.leaves()):
+        x.requires_grad_(name in trainable)
+    up = torch.randn(150, device=dev)
+    out = mpo.linear_logprobs(head.hidden, head.weight, head.targets, head.bias, softcap=5.0, impl=impl)
+    (out * up).sum().backward()
+    o = oracle_leaves(head.leaves())
+    ref = head_logprobs_eager(*o, head.targets, softcap=5.0)
+    (ref * up.double()).sum().backward()
+    assert torch.allclose(out.detach().double(), ref.detach(), atol=1e-5)
+    for name, x, y in zip(("hidden", "weight", "bias"), head.leaves(), o):
+        if name in trainable:
+            assert torch.allclose(x.grad.double(), y.grad, atol=1e-5), name
+        else:
+            assert x.grad is None, name
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_strided_bias(impl):
+    dev = device_for(impl)
+    head = random_head(64, 32, 100, torch.float32, dev)
+    big = torch.randn(100, 3, device=dev)
+    bias = big[:, 1].requires_grad_()  # stride 3
+    out = mpo.linear_logprobs(head.hidden, head.weight, head.targets, bias, impl=impl)
+    ref = head_logprobs_eager(head.hidden.double(), head.weight.double(), bias.double(), head.targets)
+    assert torch.allclose(out.double(), ref, atol=1e-5)
+
+
+def test_double_backward_is_refused():
+    head = random_head(20, 16, 30, torch.float32, TRITON_DEVICE)
+    out = mpo.linear_logprobs(head.hidden, head.weight, head.targets, impl="triton")
+    (g,) = torch.autograd.grad(out.sum(), head.hidden, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        g.sum().backward()

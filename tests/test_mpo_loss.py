@@ -119,9 +119,10 @@ def test_mpo_loss_end_to_end(impl, dtype, poison):
     assert_accurate("loss", loss.reshape(1), base.reshape(1), oracle.detach().reshape(1), fp)
     for name, g, b, o in zip(("dH", "dW", "db"), grads, base_grads, (x.grad for x in o_leaves)):
         assert_accurate(name, g, b, o, dtype)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
     for k in ("loss/sigmoid", "loss/bco_pair", "loss/sft", "rewards/chosen", "rewards/rejected",
               "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
-        assert metrics[k].item() == pytest.approx(o_metrics[k].item(), rel=2e-2, abs=2e-2), k
+        assert metrics[k].item() == pytest.approx(o_metrics[k].item(), rel=tol, abs=tol), k
 
 
 def test_reward_shift_updates_in_training_only():
@@ -182,7 +183,19 @@ def test_mpo_loss_validates():
     with pytest.raises(ValueError, match="reward shift mode"):
         mpo.MPOLoss(reward_shift="moving")
     hidden, weight, bias, targets, seq, ref = packed_batch(2, 16, 32, torch.float32, "cpu", seed=4)
-    with pytest.raises(ValueError, match=r"\[P\]"):
+    with pytest.raises(ValueError, match=r"\[P\] tensors"):
         mpo.MPOLoss(impl="torch")(hidden, weight, targets, seq, ref[:2], ref[:3])
     with pytest.raises(ValueError, match="num_seqs"):  # seq ids name pair 1 but only 1 pair given
         mpo.MPOLoss(impl="torch")(hidden, weight, targets, seq, ref[:1], ref[:1])
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_no_pairs_gives_zero_loss_and_zero_grads(impl):
+    dev = device_for(impl)
+    hidden, weight, bias, targets, seq, _ = packed_batch(2, 16, 32, torch.float32, dev, seed=5)
+    crit = mpo.MPOLoss(impl=impl)
+    loss, metrics = crit(hidden, weight, targets, torch.full_like(seq, -1), torch.zeros(0), torch.zeros(0), bias)
+    loss.backward()
+    assert loss.item() == 0 and set(metrics) == {"reward_shift"}
+    assert all((x.grad == 0).all() for x in (hidden, weight, bias))
+    assert crit.reward_shift.state_dict()["count"] == 0

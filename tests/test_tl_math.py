@@ -28,11 +28,14 @@ def test_elementwise_helpers_are_accurate():
     _apply[(triton.cdiv(x.numel(), 512),)](x, *outs, x.numel(), BLOCK=512)
     xr = x.double().cpu()  # the fp32-rounded inputs, in float64
     refs = [torch.tanh(xr), torch.nn.functional.softplus(xr, threshold=1000), torch.sigmoid(xr)]
+    # Compiled tl.exp is ex2.approx(x * log2(e)): the rounding of that product costs ~|x| * 0.5 ulp
+    # more than the interpreter's exact exp, which the limit allows for on a GPU.
+    limit = 4 + (2 * xr.abs() if TRITON_DEVICE.type == "cuda" else 0)
     for name, out, ref in zip(("tanh", "softplus", "sigmoid"), outs, refs):
         out = out.double().cpu()
         ulp = torch.finfo(torch.float32).eps * ref.abs().clamp(min=torch.finfo(torch.float32).tiny)
-        worst = ((out - ref).abs() / ulp).max().item()
-        assert worst <= 4, f"{name}: {worst:.1f} ulp"
+        excess = ((out - ref).abs() / ulp - limit).max().item()
+        assert excess <= 0, f"{name}: {excess:.1f} ulp over the limit"
 
 
 @pytest.mark.parametrize("x", [0.0, 1e-30, -3.0, 88.0, -104.0])
