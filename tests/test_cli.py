@@ -18,3 +18,14 @@ def test_env_reports_the_dispatch(capsys):
     assert main(["env"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "path" in out
+
+
+def test_kernels_ship_inside_mpo():
+    """`kernels/` installs as mpo.kernels; a top-level `kernels` would shadow another PyPI package."""
+    import importlib.metadata
+
+    import mpo.kernels
+
+    assert mpo.kernels.__name__ == "mpo.kernels"
+    top_level = (importlib.metadata.distribution("mpo").read_text("top_level.txt") or "").split()
+    assert "kernels" not in top_level
