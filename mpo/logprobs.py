@@ -107,7 +107,7 @@ def check_head(hidden, weight, targets, bias) -> tuple[torch.Tensor, torch.Tenso
     return hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
 
 
-def compute_dtype(hidden, weight, bias):
+def to_compute_dtype(hidden, weight, bias):
     """Under torch.autocast with mixed dtypes (e.g. bf16 activations, an fp32 LM-head weight) the
     head runs in the autocast dtype, as F.linear would; the casts are differentiable, so each
     gradient comes back in its input's dtype. The cast weight copy (V x D) lives until backward."""
@@ -128,7 +128,7 @@ def check_targets(targets_c: torch.Tensor, vocab: int) -> None:
 
 def _no_autocast(fn):
     """Run an autograd Function's forward/backward with autocast off: inputs were already cast by
-    `compute_dtype`, and both paths must see the same dtypes."""
+    `to_compute_dtype`, and both paths must see the same dtypes."""
 
     def wrapped(ctx, first, *args):  # first: hidden in forward, the output gradient in backward
         with torch.autocast(first.device.type, enabled=False):
@@ -196,7 +196,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     rows = (targets1d != ignore_index).nonzero().squeeze(1)
     targets_c = targets1d[rows].contiguous()
     check_targets(targets_c, weight.shape[0])
-    out = _TokenLogprobs.apply(*compute_dtype(hidden2d, weight, bias), rows, targets_c, opts)
+    out = _TokenLogprobs.apply(*to_compute_dtype(hidden2d, weight, bias), rows, targets_c, opts)
     return out.reshape(shape)
 
 
@@ -228,7 +228,7 @@ def linear_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     counts = torch.bincount(row_seq, minlength=num_seqs)
     seg_offsets = torch.zeros(num_seqs + 1, dtype=torch.int64, device=hidden.device)
     torch.cumsum(counts, 0, out=seg_offsets[1:])
-    hidden2d, weight, bias = compute_dtype(hidden2d, weight, bias)
+    hidden2d, weight, bias = to_compute_dtype(hidden2d, weight, bias)
     sums = _SequenceLogps.apply(hidden2d, weight, bias, rows, targets_c, row_seq, seg_offsets, opts)
     return sums, counts
 
