@@ -1,10 +1,13 @@
-"""The `mpo` command (also `python -m mpo`). Each subcommand registers a parser and a handler."""
+"""The `mpo` command (also `python -m mpo`). Each subcommand adds a parser and a handler; the
+handlers are thin: the work lives in the library."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
+from pathlib import Path
 
 
 def _env(args: argparse.Namespace) -> int:
@@ -33,6 +36,103 @@ def _env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def _tiny_model(args: argparse.Namespace) -> int:
+    from mpo.models.tiny import build_tiny_model
+
+    _quiet_transformers()
+    out = build_tiny_model(args.dir, args.arch, seed=args.seed)
+    print(f"wrote a tiny {args.arch} model to {out}")
+    return 0
+
+
+def _demo_data(args: argparse.Namespace) -> int:
+    from mpo.data.demo import write_demo_data
+
+    out = write_demo_data(args.dir, train=args.train, heldout=args.heldout, seed=args.seed, force=args.force)
+    print(f"wrote {args.train} train and {args.heldout} held-out pairs to {out} "
+          f"(meta.json, meta_heldout.json)")
+    return 0
+
+
+def _packing_options(args: argparse.Namespace):
+    from mpo.data.pipeline import PackingOptions
+
+    return PackingOptions(layout=args.packing, max_tokens=args.max_tokens, overlong=args.overlong)
+
+
+def _logps(args: argparse.Namespace) -> int:
+    import torch
+
+    from mpo.data.records import Rejects
+    from mpo.pair_logps import compute_pair_logps
+
+    _quiet_transformers()
+    out = Path(args.out)
+    rejects = Rejects(Path(args.rejects) if args.rejects else out.with_name(out.name + ".rejects.jsonl"),
+                      strict=args.strict)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+
+    def progress(pairs, tokens):
+        print(f"\r{pairs} pairs, {tokens} row tokens", end="", file=sys.stderr, flush=True)
+
+    try:
+        summary = compute_pair_logps(args.model, args.data, out, _packing_options(args), rejects, dtype=dtype,
+                                     device=args.device, progress=progress)
+    finally:
+        rejects.close()
+        print(file=sys.stderr)
+    print(f"wrote {out}: {summary['valid']}/{summary['pairs']} pairs in {summary['seconds']} s; {rejects.summary()}")
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from mpo.data import report
+    from mpo.data.records import Rejects
+
+    _quiet_transformers()
+    rejects_path = Path(args.output_dir) / "rejects.jsonl" if args.output_dir else None
+    rejects = Rejects(rejects_path, strict=args.strict)
+    try:
+        result = getattr(report, args.data_command)(args.model, args.data, _packing_options(args), rejects)
+    finally:
+        rejects.close()
+    if args.json:
+        print(json.dumps(result, indent=None if args.data_command == "check" else 2))
+    elif args.data_command == "check":
+        print(f"{result['valid']} valid pairs; {rejects.summary()}")
+    else:
+        _print_stats(result)
+    return 0
+
+
+def _print_stats(s: dict) -> None:
+    t = s["tokens"]
+    print(f"pairs {s['pairs']}  (rejected: {s['rejected'] or 'none'})")
+    print(f"tokens: prompt {t['prompt']}, chosen {t['chosen']}, rejected {t['rejected']}; image tiles {s['image_tiles']}")
+    for layout, p in s["packing"].items():
+        eff = "-" if p["efficiency"] is None else f"{100 * p['efficiency']:.1f}% real"
+        print(f"{layout:7} layout: {p['row_tokens']} row tokens in {p['rows']} rows of {s['max_tokens']} ({eff})"
+              + (f", {p['pairs_over_budget']} pairs over budget" if p["pairs_over_budget"] else ""))
+    print(f"prefix sharing saves {s['prefix_saves_tokens']} tokens ({100 * s['prefix_saves_fraction']:.1f}%)")
+
+
+def _add_packing_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model folder (tokenizer, chat template, processor)")
+    p.add_argument("--data", required=True, help="MMPR meta .json, .jsonl, .parquet or a saved datasets folder")
+    p.add_argument("--packing", choices=["prefix", "plain", "none"], default="prefix", help="packed row layout")
+    p.add_argument("--max-tokens", type=int, default=8192, help="tokens per packed row")
+    p.add_argument("--overlong", choices=["truncate", "drop"], default="truncate",
+                   help="pairs longer than a row: cut the responses, or skip the pair")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad record (path:line: reason)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import mpo
 
@@ -40,8 +140,41 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(multimodal) language models, with fused Triton kernels.")
     parser.add_argument("--version", action="version", version=f"mpo {mpo.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    env = sub.add_parser("env", help="show versions, devices and which kernel path runs")
-    env.set_defaults(handler=_env)
+
+    p = sub.add_parser("env", help="show versions, devices and which kernel path runs")
+    p.set_defaults(handler=_env)
+
+    p = sub.add_parser("tiny-model", help="write a tiny random-init model folder (built locally)")
+    p.add_argument("dir", help="output folder")
+    p.add_argument("--arch", choices=["internvl", "qwen2", "llama"], default="internvl")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_tiny_model)
+
+    p = sub.add_parser("demo-data", help="write the demo multimodal preference set (MMPR format)")
+    p.add_argument("dir", help="output folder")
+    p.add_argument("--train", type=int, default=600, help="training pairs")
+    p.add_argument("--heldout", type=int, default=120, help="held-out pairs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.set_defaults(handler=_demo_data)
+
+    p = sub.add_parser("logps", help="per-pair chosen/rejected log-prob sums (forward only) to safetensors")
+    _add_packing_args(p)
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--rejects", help="where skipped records go (default: OUT.rejects.jsonl)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
+    p.set_defaults(handler=_logps)
+
+    data = sub.add_parser("data", help="check or measure preference data for a model")
+    data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    for name, help_text in (("check", "read and render every pair; count and list bad records"),
+                            ("stats", "pairs, tokens, image tiles, packing efficiency, prefix-sharing savings")):
+        p = data_sub.add_parser(name, help=help_text)
+        _add_packing_args(p)
+        p.add_argument("--json", action="store_true", help="print JSON")
+        p.add_argument("--output-dir", help="write rejects.jsonl (skipped records and reasons) here")
+        p.set_defaults(handler=_data)
     return parser
 
 
@@ -51,4 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help(sys.stderr)
         return 2
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+        print(f"mpo {args.command}: error: {e}", file=sys.stderr)
+        return 1

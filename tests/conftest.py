@@ -34,3 +34,24 @@ def poison(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Tiny model folders built locally once per session: {"internvl" | "qwen2" | "llama": Path}."""
+    from transformers.utils import logging
+
+    from mpo.models.tiny import ARCHS, build_tiny_model
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {arch: build_tiny_model(root / arch, arch) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """A small demo preference set in MMPR format (27 train, 9 held-out pairs)."""
+    from mpo.data.demo import write_demo_data
+
+    return write_demo_data(tmp_path_factory.mktemp("demo") / "data", train=27, heldout=9)

@@ -1,0 +1,164 @@
+"""Render a `PreferencePair` into token ids (and image tiles) with the model's own processor.
+
+The prompt goes through the tokenizer's chat template with the generation prompt; each "<image>"
+placeholder becomes the processor's image token, which the processor expands to the model's image
+tokens (InternVL: "<img>" + "<IMG_CONTEXT>" x tokens-per-tile x tiles + "</img>", after its
+dynamic tiling; not re-implemented here). Each response is what the chat template appends for an
+assistant turn (its text and end-of-turn), i.e. the full conversation's text minus the prompt's.
+Text-only models use the tokenizer alone; without a chat template, prompts are joined by blank
+lines and responses end with the EOS token.
+
+`ImageTokens` is the one place that knows how images become tokens: the model folder's
+AutoProcessor when it loads, otherwise (InternVL's processor needs torchvision for its video
+half) the folder's image processor and tokenizer composed with InternVL's image-token rule.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from mpo.data.records import IMAGE_TOKEN, BadPair, PreferencePair
+
+
+@dataclass
+class RenderedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    pixel_values: torch.Tensor | None  # [tiles, 3, H, W] float32, in placeholder order
+    source: str = ""
+    index: int = -1  # position in the data stream
+
+    @property
+    def tiles(self) -> int:
+        return 0 if self.pixel_values is None else self.pixel_values.shape[0]
+
+
+def load_image(ref) -> Image.Image:
+    """A path, encoded bytes or a PIL image -> a decoded RGB PIL image (BadPair if unreadable)."""
+    try:
+        if isinstance(ref, (str, Path)):
+            with Image.open(ref) as im:
+                return im.convert("RGB")
+        if isinstance(ref, bytes):
+            with Image.open(io.BytesIO(ref)) as im:
+                return im.convert("RGB")
+        return ref.convert("RGB")
+    except FileNotFoundError:
+        raise BadPair("missing_image", str(ref)) from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise BadPair("corrupt_image", f"{ref if isinstance(ref, (str, Path)) else '<bytes>'}: {e}") from None
+
+
+class ImageTokens:
+    """Prompt text with one image token per image + the images -> (input ids, pixel values)."""
+
+    def __init__(self, model_dir: str | Path, tokenizer, model_type: str):
+        self.tokenizer = tokenizer
+        self.processor = None
+        try:
+            from transformers import AutoProcessor
+
+            processor = AutoProcessor.from_pretrained(model_dir)
+            if hasattr(processor, "image_processor"):
+                self.processor = processor
+        except (ImportError, AttributeError, OSError, ValueError, TypeError):
+            pass  # e.g. InternVL's video processor without torchvision: compose below
+        if self.processor is not None:
+            self.image_token = getattr(self.processor, "image_token", None) or tokenizer.context_image_token
+            self.backend = "processor"
+            return
+        if model_type != "internvl":
+            raise ValueError(f"{model_dir}: the processor does not load and there is no fallback for "
+                             f"model type {model_type!r}")
+        from transformers import AutoImageProcessor
+
+        self.image_processor = AutoImageProcessor.from_pretrained(model_dir)
+        config_file = Path(model_dir) / "processor_config.json"
+        processor_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        self.image_seq_length = int(processor_config.get("image_seq_length", 256))
+        self.image_token = tokenizer.context_image_token
+        self.backend = "composed"
+
+    def encode(self, prompt_text: str, images: list, max_patches: int | None) -> tuple[list[int], torch.Tensor]:
+        image_kwargs = {"max_patches": max_patches} if max_patches is not None else {}
+        if self.processor is not None:
+            out = self.processor(text=[prompt_text], images=images, add_special_tokens=False,
+                                 return_tensors="pt", **image_kwargs)
+            return out["input_ids"][0].tolist(), out["pixel_values"].float()
+        # InternVL's rule (what InternVLProcessor does): image i's placeholder -> <img> + context
+        # token x (tokens per tile x tiles of image i) + </img>; tiles from the image processor.
+        tiled = self.image_processor(images=images, crop_to_patches=True, return_tensors="pt", **image_kwargs)
+        tok = self.tokenizer
+        parts = prompt_text.split(self.image_token)
+        text = parts[0]
+        for tiles, rest in zip(tiled["num_patches"].tolist(), parts[1:]):
+            text += tok.start_image_token + self.image_token * (self.image_seq_length * tiles) + tok.end_image_token + rest
+        return tok(text, add_special_tokens=False)["input_ids"], tiled["pixel_values"].float()
+
+
+class Renderer:
+    """Turns pairs into token ids with a model folder's tokenizer, chat template and processor."""
+
+    def __init__(self, model_dir: str | Path, *, max_patches: int | None = None):
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.model_dir = Path(model_dir)
+        if not self.model_dir.is_dir():
+            raise FileNotFoundError(f"model folder not found: {self.model_dir}")
+        config = AutoConfig.from_pretrained(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.max_patches = max_patches
+        self.vision = getattr(config, "vision_config", None) is not None
+        self.images = ImageTokens(model_dir, self.tokenizer, config.model_type) if self.vision else None
+
+    def describe(self) -> str:
+        how = f"images via {self.images.backend}" if self.images else "text-only"
+        return f"{self.model_dir} ({type(self.tokenizer).__name__}, {how})"
+
+    def render(self, pair: PreferencePair, index: int = -1) -> RenderedPair:
+        if pair.images and not self.vision:
+            raise BadPair("no_vision", f"{len(pair.images)} images")
+        image_token = self.images.image_token if self.vision else IMAGE_TOKEN
+        messages = [{"role": m["role"], "content": m["content"].replace(IMAGE_TOKEN, image_token)}
+                    for m in pair.prompt]
+        prompt_text = self._prompt_text(messages)
+        if pair.images:
+            images = [load_image(ref) for ref in pair.images]
+            max_patches = pair.max_patches if pair.max_patches is not None else self.max_patches
+            prompt_ids, pixel_values = self.images.encode(prompt_text, images, max_patches)
+        else:
+            prompt_ids = self.tokenizer(prompt_text, add_special_tokens=not self._templated)["input_ids"]
+            pixel_values = None
+        if not prompt_ids:
+            raise BadPair("bad_field", "the prompt renders to no tokens")
+        chosen = self._response_ids(messages, prompt_text, pair.chosen)
+        rejected = self._response_ids(messages, prompt_text, pair.rejected)
+        return RenderedPair(prompt_ids, chosen, rejected, pixel_values, pair.source, index)
+
+    @property
+    def _templated(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def _prompt_text(self, messages: list[dict]) -> str:
+        if self._templated:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return "\n\n".join(m["content"] for m in messages)
+
+    def _response_ids(self, messages: list[dict], prompt_text: str, response: str) -> list[int]:
+        if self._templated:
+            full = self.tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}],
+                                                      tokenize=False)
+            if not full.startswith(prompt_text):
+                raise ValueError(f"{self.model_dir}: the chat template's assistant turn does not extend its "
+                                 "generation prompt; cannot split prompt and response")
+            text = full[len(prompt_text):]
+        else:
+            text = response + (self.tokenizer.eos_token or "")
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -1,0 +1,1 @@
+"""Models: loading with packed attention, the packed forward, tiny local models."""

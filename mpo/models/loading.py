@@ -1,0 +1,77 @@
+"""Load HF causal LMs and vision-language models with packed attention, and run packed rows.
+
+The fused loss needs the final hidden states, not logits: `packed_hidden_states` runs the
+model's backbone (`model.model`: the base model of a causal LM, or the vision tower + projector
++ language model of InternVL) on a packed row, and `pair_logps` feeds them with the LM-head
+weight to `mpo.linear_sequence_logps`. The KV cache is always off: transformers would otherwise
+build a cache for a packed row, and a cache makes no sense for a whole-row forward.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mpo.data.packing import PackedBatch
+from mpo.logprobs import linear_sequence_logps
+from mpo.models.packed_attention import PackingInfo, register
+
+
+def is_vision_language(config) -> bool:
+    return getattr(config, "vision_config", None) is not None
+
+
+def enable_packed_attention(model) -> None:
+    """Switch the (language) model to packed attention; a vision tower keeps SDPA."""
+    name = register()
+    if is_vision_language(model.config):
+        model.set_attn_implementation({"text_config": name, "vision_config": "sdpa"})
+    else:
+        model.set_attn_implementation(name)
+
+
+def load_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32, device="cpu"):
+    """A model folder -> the model (causal LM or InternVL-style VLM) with packed attention."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"not a model folder (no config.json): {model_dir}")
+    config = AutoConfig.from_pretrained(model_dir)
+    cls = AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
+    model = cls.from_pretrained(model_dir, dtype=dtype).to(device)
+    enable_packed_attention(model)
+    return model
+
+
+def lm_head(model) -> torch.nn.Linear:
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no LM head")
+    return head
+
+
+def logit_softcap(model) -> float | None:
+    config = model.config.get_text_config()
+    return getattr(config, "final_logit_softcapping", None)
+
+
+def packed_hidden_states(model, batch: PackedBatch, *, backend: str = "auto") -> torch.Tensor:
+    """Final hidden states [L, D] of one packed row."""
+    backbone = getattr(model, "model", None)
+    if backbone is None:
+        raise ValueError(f"{type(model).__name__} has no `.model` backbone")
+    kwargs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                  packing=PackingInfo.of(batch, backend))
+    if batch.pixel_values is not None:
+        kwargs["pixel_values"] = batch.pixel_values.to(model.dtype)
+    return backbone(**kwargs).last_hidden_state[0]
+
+
+def pair_logps(model, batch: PackedBatch, *, backend: str = "auto", impl: str = "auto"):
+    """Per-sequence log-prob sums of a packed row -> (sums [2 x pairs] fp32, token counts)."""
+    hidden = packed_hidden_states(model, batch, backend=backend)
+    head = lm_head(model)
+    return linear_sequence_logps(hidden, head.weight, batch.labels[0], batch.seq_ids[0], 2 * batch.num_pairs,
+                                 head.bias, softcap=logit_softcap(model), impl=impl)

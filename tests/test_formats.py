@@ -1,0 +1,159 @@
+"""Reading preference data: MMPR meta/annotations and TRL-style JSONL, Parquet and datasets folders."""
+
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from mpo.data.formats import read_pairs
+from mpo.data.records import DataError, Rejects
+
+
+def png(path, color=(200, 30, 30), size=(40, 30)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def write_jsonl(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def mmpr(tmp_path, records, **entry):
+    write_jsonl(tmp_path / "ann" / "a.jsonl", records)
+    meta = {"set_a": {"root": "imgs", "annotation": "ann/a.jsonl", "repeat_time": 1, **entry}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    return tmp_path / "meta.json"
+
+
+def pair(**kw):
+    return {"question": "What is shown?", "chosen": "A square.", "rejected": "A circle.", **kw}
+
+
+def test_mmpr_images_as_string_list_or_absent(tmp_path):
+    png(tmp_path / "imgs" / "x.png")
+    png(tmp_path / "imgs" / "sub" / "y.png")
+    meta = mmpr(tmp_path, [pair(image="x.png"), pair(image=["x.png", "sub/y.png"]), pair(),
+                           pair(image="x.png", question="Look: <image> what?")], max_dynamic_patch=3)
+    pairs = list(read_pairs(meta, Rejects(strict=True)))
+    assert [len(p.images) for p in pairs] == [1, 2, 0, 1]
+    assert pairs[0].prompt[0]["content"] == "<image>\nWhat is shown?"  # prepended when missing
+    assert pairs[1].prompt[0]["content"].startswith("<image>\n<image>\n")
+    assert pairs[3].prompt[0]["content"] == "Look: <image> what?"  # kept where it is
+    assert pairs[1].images[1] == str(tmp_path / "imgs" / "sub" / "y.png")
+    assert all(p.max_patches == 3 for p in pairs)
+    assert pairs[2].source.endswith("a.jsonl:3")
+
+
+@pytest.mark.parametrize("repeat, expected", [(0.5, 2), (1, 5), (2, 10), (2.4, 12)])
+def test_mmpr_repeat_time(tmp_path, repeat, expected):
+    records = [pair(chosen=f"answer {i}") for i in range(5)]
+    meta = mmpr(tmp_path, records, repeat_time=repeat)
+    got = [p.chosen for p in read_pairs(meta, Rejects(strict=True))]
+    assert len(got) == expected
+    assert got[:2] == ["answer 0", "answer 1"]  # repeats and fractions take leading lines
+
+
+def test_bare_annotation_file(tmp_path):
+    png(tmp_path / "z.png")
+    path = write_jsonl(tmp_path / "ann.jsonl", [pair(image="z.png")])
+    (p,) = read_pairs(path, Rejects(strict=True))
+    assert p.images == (str(tmp_path / "z.png"),)
+
+
+def test_trl_jsonl_strings_and_messages(tmp_path):
+    png(tmp_path / "i.png")
+    path = write_jsonl(tmp_path / "trl.jsonl", [
+        {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."},
+        {"prompt": [{"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}],
+         "chosen": [{"role": "assistant", "content": "Red."}],
+         "rejected": [{"role": "assistant", "content": "Blue."}], "images": ["i.png"]},
+        {"prompt": "Describe.", "chosen": "Red.", "rejected": "Blue.", "images": ["i.png"]},
+    ])
+    a, b, c = read_pairs(path, Rejects(strict=True))
+    assert a.prompt == ({"role": "user", "content": "Say hi."},) and a.chosen == "Hi!"
+    assert b.prompt[0]["role"] == "system" and b.prompt[1]["content"] == "<image>Colour?"
+    assert b.chosen == "Red." and b.images == (str(tmp_path / "i.png"),)
+    assert c.prompt[0]["content"] == "<image>\nDescribe."
+
+
+def test_trl_parquet_with_image_bytes(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), "blue").save(buf, format="PNG")
+    table = pa.table({"prompt": ["Q1", "Q2"], "chosen": ["good", "fine"], "rejected": ["bad", "poor"],
+                      "images": [[{"bytes": buf.getvalue(), "path": None}], []]})
+    pq.write_table(table, tmp_path / "d.parquet")
+    a, b = read_pairs(tmp_path / "d.parquet", Rejects(strict=True))
+    assert isinstance(a.images[0], bytes) and b.images == ()
+    assert a.source.endswith("d.parquet:row 1")
+
+
+def test_trl_datasets_folder(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"prompt": ["Q"], "chosen": ["yes"], "rejected": ["no"]})
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "saved"))
+    (p,) = read_pairs(tmp_path / "saved", Rejects(strict=True))
+    assert p.chosen == "yes"
+    with pytest.raises(ValueError, match="no split"):
+        list(read_pairs(tmp_path / "saved", Rejects(), split="test"))
+
+
+def test_unknown_format_and_missing_path(tmp_path):
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(ValueError, match="unknown data format"):
+        list(read_pairs(tmp_path / "x.csv", Rejects()))
+    with pytest.raises(FileNotFoundError):
+        list(read_pairs(tmp_path / "nope.json", Rejects()))
+
+
+@pytest.mark.parametrize("meta, match", [
+    ("{not json", "malformed meta JSON"),
+    ('{"a": {"root": "x"}}', "annotation"),
+    ('{"a": {"annotation": "a.jsonl", "repeat_time": 0}}', "repeat_time"),
+    ('{"a": {"annotation": "missing.jsonl"}}', "not found"),
+])
+def test_bad_meta_files(tmp_path, meta, match):
+    (tmp_path / "a.jsonl").write_text(json.dumps(pair()) + "\n")
+    (tmp_path / "meta.json").write_text(meta)
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        list(read_pairs(tmp_path / "meta.json", Rejects()))
+
+
+BAD_RECORDS = {
+    "malformed_json": '{"question": "q", "chosen": ',
+    "missing_field": pair(chosen=None),
+    "bad_field": pair(rejected=["a list"]),
+    "empty_response": pair(chosen="   "),
+    "identical_responses": pair(rejected="A square."),
+    "image_mismatch": pair(image="ok.png", question="<image> and <image>?"),
+    "missing_image": pair(image="absent.png"),
+}
+
+
+def test_each_bad_record_is_skipped_counted_and_listed(tmp_path):
+    png(tmp_path / "imgs" / "ok.png")
+    records = [pair(image="ok.png")] + list(BAD_RECORDS.values()) + [pair()]
+    meta = mmpr(tmp_path, records)
+    rejects = Rejects(tmp_path / "rejects.jsonl")
+    good = list(read_pairs(meta, rejects))
+    rejects.close()
+    assert len(good) == 2
+    assert dict(rejects.counts) == {reason: 1 for reason in BAD_RECORDS}
+    listed = [json.loads(line) for line in (tmp_path / "rejects.jsonl").read_text().splitlines()]
+    assert [r["reason"] for r in listed] == list(BAD_RECORDS)
+    assert listed[0]["source"].endswith("a.jsonl:2") and listed[0]["record"] == BAD_RECORDS["malformed_json"]
+
+
+@pytest.mark.parametrize("reason", list(BAD_RECORDS))
+def test_strict_stops_at_the_first_bad_record_with_its_location(tmp_path, reason):
+    png(tmp_path / "imgs" / "ok.png")
+    meta = mmpr(tmp_path, [pair(), BAD_RECORDS[reason], pair()])
+    with pytest.raises(DataError, match=rf"a\.jsonl:2: {reason}"):
+        list(read_pairs(meta, Rejects(strict=True)))

@@ -1,0 +1,131 @@
+"""Rendering through the model folder's tokenizer, chat template and image processor, and the
+render-stage bad-input reasons (unreadable images, text-only models, over-long pairs)."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from mpo.data.packing import fit_to_budget, pair_cost
+from mpo.data.pipeline import PackingOptions, packed_rows, rendered_pairs
+from mpo.data.records import BadPair, DataError, PreferencePair, Rejects
+from mpo.data.render import Renderer
+from mpo.models.tiny import IMAGE_SEQ_LENGTH
+
+
+def make_pair(images=(), question="<image>\nWhat colour?", chosen="Red.", rejected="Blue.", **kw):
+    content = question if images else question.replace("<image>\n", "")
+    return PreferencePair(({"role": "user", "content": content},), chosen, rejected, tuple(images), "t:1", **kw)
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "wide.png"
+    Image.new("RGB", (160, 96), "red").save(path)
+    return path
+
+
+def test_internvl_prompt_image_tokens_and_responses(tiny_models, image_file):
+    r = Renderer(tiny_models["internvl"])
+    tok = r.tokenizer
+    rp = r.render(make_pair([str(image_file)]), index=4)
+    # 160 x 96 -> 3 x 2 tiles + thumbnail = 7 tiles of 56 px, 4 tokens each
+    assert rp.pixel_values.shape == (7, 3, 56, 56) and rp.index == 4
+    context = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+    assert rp.prompt_ids.count(context) == 7 * IMAGE_SEQ_LENGTH
+    text = tok.decode(rp.prompt_ids)
+    assert text.startswith("<|im_start|>user\n<img><IMG_CONTEXT>") and "</img>\nWhat colour?" in text
+    assert text.endswith("<|im_start|>assistant\n")
+    assert tok.decode(rp.chosen_ids) == "Red.<|im_end|>\n"
+    assert tok.decode(rp.rejected_ids) == "Blue.<|im_end|>\n"
+
+
+def test_max_patches_per_pair(tiny_models, image_file):
+    rp = Renderer(tiny_models["internvl"]).render(make_pair([str(image_file)], max_patches=1))
+    assert rp.pixel_values.shape[0] == 1
+
+
+def test_text_only_models(tiny_models):
+    for arch in ("qwen2", "llama"):
+        r = Renderer(tiny_models[arch])
+        rp = r.render(make_pair())
+        assert rp.pixel_values is None and r.tokenizer.decode(rp.chosen_ids) == "Red.<|im_end|>\n"
+        with pytest.raises(BadPair, match="no_vision"):
+            r.render(make_pair(["x.png"]))
+
+
+def test_model_without_chat_template(tiny_models, tmp_path):
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    for f in tiny_models["qwen2"].iterdir():
+        if f.name != "chat_template.jinja":
+            (folder / f.name).write_bytes(f.read_bytes())
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    r = Renderer(folder)
+    assert not r.tokenizer.chat_template
+    rp = r.render(make_pair(question="Q?"))
+    assert r.tokenizer.decode(rp.prompt_ids) == "Q?" and r.tokenizer.decode(rp.chosen_ids) == "Red.<|im_end|>"
+
+
+def test_unreadable_images(tiny_models, tmp_path):
+    r = Renderer(tiny_models["internvl"])
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(BadPair, match="corrupt_image"):
+        r.render(make_pair([str(bad)]))
+    with pytest.raises(BadPair, match="corrupt_image"):
+        r.render(make_pair([b"\x89PNG garbage"]))
+    with pytest.raises(BadPair, match="missing_image"):
+        r.render(make_pair([str(tmp_path / "gone.png")]))
+
+
+def test_missing_model_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model folder not found"):
+        Renderer(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("layout", ["prefix", "plain"])
+def test_overlong_truncates_responses_not_the_prompt(tiny_models, layout):
+    r = Renderer(tiny_models["qwen2"])
+    rp = r.render(make_pair(chosen="x " * 40, rejected="y " * 10))
+    P, C, R = len(rp.prompt_ids), len(rp.chosen_ids), len(rp.rejected_ids)
+    budget = pair_cost(rp, layout) - 20
+    cut = fit_to_budget(rp, layout, budget, "truncate")
+    assert pair_cost(cut, layout) == budget and cut.prompt_ids == rp.prompt_ids
+    assert len(cut.rejected_ids) == R and len(cut.chosen_ids) == C - 20  # the longer one is cut
+    with pytest.raises(BadPair, match="too_long"):
+        fit_to_budget(rp, layout, budget, "drop")
+    with pytest.raises(BadPair, match="too_long"):  # not even the prompt fits
+        fit_to_budget(rp, layout, P, "truncate")
+
+
+def test_pipeline_counts_render_stage_rejects(tiny_models, tmp_path):
+    meta = tmp_path / "ann.jsonl"
+    Image.new("RGB", (10, 10)).save(tmp_path / "ok.png")
+    (tmp_path / "bad.png").write_bytes(b"junk")
+    lines = [{"image": "ok.png", "question": "Q", "chosen": "a", "rejected": "b"},
+             {"image": "bad.png", "question": "Q", "chosen": "a", "rejected": "b"},
+             {"question": "Q", "chosen": "a " * 300, "rejected": "b"}]
+    meta.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    r = Renderer(tiny_models["internvl"])
+    rejects, counter = Rejects(), [0]
+    opts = PackingOptions(max_tokens=200, overlong="drop")
+    kept = list(rendered_pairs(meta, r, rejects, opts, counter))
+    assert [p.index for p in kept] == [0] and counter == [3]
+    assert dict(rejects.counts) == {"corrupt_image": 1, "too_long": 1}
+    with pytest.raises(DataError, match=r"ann\.jsonl:2: corrupt_image"):
+        list(rendered_pairs(meta, r, Rejects(strict=True), opts))
+
+
+def test_packed_rows_respect_the_budget_and_keep_data_order(tiny_models, demo_data):
+    r = Renderer(tiny_models["internvl"])
+    opts = PackingOptions(layout="prefix", max_tokens=700)
+    rows = list(packed_rows(rendered_pairs(demo_data / "meta.json", r, Rejects(), opts), opts, window=10))
+    seen = torch.cat([b.pair_index for b in rows]).tolist()
+    assert sorted(seen) == list(range(27))
+    assert all(b.num_tokens <= 700 and b.num_pairs >= 1 for b in rows)
+    assert all(b.pair_index.tolist() == sorted(b.pair_index.tolist()) for b in rows)
+    assert len(rows) < 27  # several pairs per row
