@@ -24,6 +24,14 @@ class CMakeExtension(Extension):
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
+        # Optional: without a compiler or CMake, mpo still installs and plans rows in Python.
+        try:
+            self._cmake(ext)
+        except (OSError, subprocess.CalledProcessError, ImportError) as e:
+            print(f"\n*** mpo: building the native packing planner failed ({e}); installing without it, "
+                  "the pure-Python planner will be used ***\n", file=sys.stderr)
+
+    def _cmake(self, ext: Extension) -> None:
         import pybind11
 
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent

@@ -131,8 +131,15 @@ py::list plan_packing(py::array_t<int64_t, py::array::c_style | py::array::force
       Py_CLEAR(out);
       break;
     }
-    for (int64_t k = lo; k < hi; ++k) PyList_SET_ITEM(row, k - lo, PyLong_FromLongLong(rows.items[k]));
-    PyList_SET_ITEM(out, r, row);
+    PyList_SET_ITEM(out, r, row);  // owned by `out` from here, freed with it on failure
+    for (int64_t k = lo; k < hi; ++k) {
+      PyObject* item = PyLong_FromLongLong(rows.items[k]);
+      if (!item) {
+        Py_CLEAR(out);
+        break;
+      }
+      PyList_SET_ITEM(row, k - lo, item);
+    }
   }
   if (gc_was_enabled) PyGC_Enable();
   if (!out) throw py::error_already_set();

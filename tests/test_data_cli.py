@@ -58,6 +58,7 @@ def test_logps_command_writes_data_order_sums(tiny_models, demo_data, tmp_path, 
         t = {k: f.get_tensor(k) for k in f.keys()}
         meta = f.metadata()
     assert t["chosen_logps"].dtype == torch.float32 and t["valid"].all() and t["chosen_tokens"].dtype == torch.int64
+    assert (t["fingerprint"] != 0).all() and t["fingerprint"].unique().numel() == 9
     assert meta["packing"] == packing and meta["pairs"] == "9"
     assert not list(tmp_path.glob(".*tmp*"))
     # each pair on its own equals the packed run, in data order
@@ -80,6 +81,8 @@ def test_logps_marks_skipped_pairs(tiny_models, tmp_path):
     with safe_open(str(out), "pt") as f:
         valid, chosen = f.get_tensor("valid"), f.get_tensor("chosen_logps")
     assert valid.tolist() == [True, False, True] and torch.isnan(chosen[1]) and not torch.isnan(chosen[0])
+    with safe_open(str(out), "pt") as f:
+        assert (f.get_tensor("fingerprint") != 0).tolist() == [True, False, True]
     assert "too_long" in (tmp_path / "o.safetensors.rejects.jsonl").read_text()
 
 

@@ -41,5 +41,11 @@ def test_refuses_to_overwrite_without_force(tmp_path):
     with pytest.raises(FileExistsError, match="--force"):
         write_demo_data(out, train=3, heldout=3)
     write_demo_data(out, train=6, heldout=3, force=True)
+    other = tmp_path / "work"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a demo set"):
+        write_demo_data(other, force=True)
+    assert (other / "notes.txt").read_text() == "mine"
     assert json.loads((out / "meta.json").read_text())["demo_count"]["length"] == 2
     assert not list(tmp_path.glob(".d.tmp-*"))

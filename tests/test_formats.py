@@ -2,6 +2,7 @@
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -48,13 +49,30 @@ def test_mmpr_images_as_string_list_or_absent(tmp_path):
     assert pairs[2].source.endswith("a.jsonl:3")
 
 
-@pytest.mark.parametrize("repeat, expected", [(0.5, 2), (1, 5), (2, 10), (2.4, 12)])
+@pytest.mark.parametrize("repeat, expected", [(0.5, 10), (1, 20), (2, 40), (2.4, 48)])
 def test_mmpr_repeat_time(tmp_path, repeat, expected):
-    records = [pair(chosen=f"answer {i}") for i in range(5)]
+    records = [pair(chosen=f"answer {i}") for i in range(20)]
     meta = mmpr(tmp_path, records, repeat_time=repeat)
     got = [p.chosen for p in read_pairs(meta, Rejects(strict=True))]
     assert len(got) == expected
-    assert got[:2] == ["answer 0", "answer 1"]  # repeats and fractions take leading lines
+    whole = int(repeat)
+    assert got[:20 * whole] == [f"answer {i}" for i in range(20)] * whole
+    sample = got[20 * whole:]
+    assert len(set(sample)) == len(sample) and sample == sorted(sample, key=lambda a: int(a.split()[1]))
+    if sample:  # a seeded sample, not the leading lines; the same on every read, another for another seed
+        assert sample != [f"answer {i}" for i in range(len(sample))]
+        assert sample == [p.chosen for p in read_pairs(meta, Rejects(strict=True))][20 * whole:]
+        assert sample != [p.chosen for p in read_pairs(meta, Rejects(strict=True), seed=1)][20 * whole:]
+
+
+def test_mmpr_meta_paths_relative_to_the_working_directory(tmp_path, monkeypatch):
+    png(tmp_path / "MMPR" / "images" / "x.png")
+    write_jsonl(tmp_path / "MMPR" / "annotations" / "a.jsonl", [pair(image="x.png")])
+    meta = {"a": {"root": "MMPR/images", "annotation": "MMPR/annotations/a.jsonl"}}
+    (tmp_path / "MMPR" / "meta.json").write_text(json.dumps(meta))
+    monkeypatch.chdir(tmp_path)
+    (p,) = read_pairs(tmp_path / "MMPR" / "meta.json", Rejects(strict=True))
+    assert Path(p.images[0]).resolve() == (tmp_path / "MMPR" / "images" / "x.png").resolve()
 
 
 def test_bare_annotation_file(tmp_path):
@@ -73,8 +91,10 @@ def test_trl_jsonl_strings_and_messages(tmp_path):
          "chosen": [{"role": "assistant", "content": "Red."}],
          "rejected": [{"role": "assistant", "content": "Blue."}], "images": ["i.png"]},
         {"prompt": "Describe.", "chosen": "Red.", "rejected": "Blue.", "images": ["i.png"]},
+        {"prompt": "Describe.", "chosen": "Red.", "rejected": "Blue.", "image": "i.png"},
     ])
-    a, b, c = read_pairs(path, Rejects(strict=True))
+    a, b, c, d = read_pairs(path, Rejects(strict=True))
+    assert d.images == c.images
     assert a.prompt == ({"role": "user", "content": "Say hi."},) and a.chosen == "Hi!"
     assert b.prompt[0]["role"] == "system" and b.prompt[1]["content"] == "<image>Colour?"
     assert b.chosen == "Red." and b.images == (str(tmp_path / "i.png"),)

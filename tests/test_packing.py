@@ -61,15 +61,16 @@ def setup(request, tiny_models, demo_data, tmp_path_factory):
     return load_model(path).eval(), rendered, expected
 
 
-@pytest.mark.parametrize("layout", ["prefix", "plain", "none"])
-def test_packed_rows_equal_each_pair_alone(setup, layout):
+@pytest.mark.parametrize("layout, backend", [("prefix", "sdpa"), ("plain", "sdpa"), ("none", "sdpa"),
+                                             ("prefix", "flex"), ("plain", "flex")])
+def test_packed_rows_equal_each_pair_alone(setup, layout, backend):
     model, rendered, expected = setup
     rows = [rendered[:5], rendered[5:]] if layout != "none" else [[p] for p in rendered]
     for row in rows:
         batch = pack_row(row, layout)
         assert batch.num_tokens == sum(pair_cost(p, layout) for p in row)
         with torch.no_grad():
-            sums, counts = pair_logps(model, batch, impl="torch")
+            sums, counts = pair_logps(model, batch, backend=backend, impl="torch")
         for k, p in enumerate(row):
             assert counts[2 * k] == len(p.chosen_ids) and counts[2 * k + 1] == len(p.rejected_ids)
             for got, want in ((sums[2 * k], expected[p.index][0]), (sums[2 * k + 1], expected[p.index][1])):

@@ -22,24 +22,30 @@ def random_case(rng):
     return lengths, max_tokens, seed, rng.randint(1, 800)
 
 
+def fresh_rng():
+    """Fresh inputs every run, reproducible from the seed in a failure message."""
+    seed = random.randrange(2**32)
+    return random.Random(seed), seed
+
+
 def test_native_equals_python_on_random_inputs():
-    rng = random.Random()
+    rng, case_seed = fresh_rng()
     for _ in range(400):
         lengths, max_tokens, seed, window = random_case(rng)
         native = plan_packing(lengths, max_tokens, seed=seed, window=window, backend="native")
         python = plan_packing(lengths, max_tokens, seed=seed, window=window, backend="python")
-        assert native == python, (len(lengths), max_tokens, seed, window)
+        assert native == python, f"case seed {case_seed}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rows_are_a_partition_within_budget(backend):
-    rng = random.Random()
+    rng, case_seed = fresh_rng()
     for _ in range(50):
         lengths, max_tokens, seed, window = random_case(rng)
         rows = plan_packing(np.array(lengths, dtype=np.int64), max_tokens, seed=seed, window=window,
                             backend=backend)
-        assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
-        assert all(row and sum(lengths[i] for i in row) <= max_tokens for row in rows)
+        assert sorted(i for row in rows for i in row) == list(range(len(lengths))), f"case seed {case_seed}"
+        assert all(row and sum(lengths[i] for i in row) <= max_tokens for row in rows), f"case seed {case_seed}"
 
 
 def test_first_fit_decreasing_by_hand():
@@ -64,6 +70,7 @@ def test_seed_is_deterministic_and_matters():
     ([5], {"max_tokens": 0}, "max_tokens"),
     ([5], {"window": 0}, "window"),
     ([5], {"seed": -1}, "seed"),
+    ([5], {"seed": 2**64}, "seed"),
 ])
 def test_bad_input_raises_value_error(backend, lengths, kwargs, match):
     kw = {"max_tokens": 10, **kwargs}

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from mpo.data.packing import fit_to_budget, pair_cost
-from mpo.data.pipeline import PackingOptions, packed_rows, rendered_pairs
+from mpo.data.pipeline import PackingOptions, PipelineCounts, packed_rows, rendered_pairs
 from mpo.data.records import BadPair, DataError, PreferencePair, Rejects
 from mpo.data.render import Renderer
 from mpo.models.tiny import IMAGE_SEQ_LENGTH
@@ -111,10 +111,10 @@ def test_pipeline_counts_render_stage_rejects(tiny_models, tmp_path):
              {"question": "Q", "chosen": "a " * 300, "rejected": "b"}]
     meta.write_text("".join(json.dumps(x) + "\n" for x in lines))
     r = Renderer(tiny_models["internvl"])
-    rejects, counter = Rejects(), [0]
+    rejects, counts = Rejects(), PipelineCounts()
     opts = PackingOptions(max_tokens=200, overlong="drop")
-    kept = list(rendered_pairs(meta, r, rejects, opts, counter))
-    assert [p.index for p in kept] == [0] and counter == [3]
+    kept = list(rendered_pairs(meta, r, rejects, opts, counts))
+    assert [p.index for p in kept] == [0] and counts.read == 3 and counts.truncated == 0
     assert dict(rejects.counts) == {"corrupt_image": 1, "too_long": 1}
     with pytest.raises(DataError, match=r"ann\.jsonl:2: corrupt_image"):
         list(rendered_pairs(meta, r, Rejects(strict=True), opts))
@@ -129,3 +129,42 @@ def test_packed_rows_respect_the_budget_and_keep_data_order(tiny_models, demo_da
     assert all(b.num_tokens <= 700 and b.num_pairs >= 1 for b in rows)
     assert all(b.pair_index.tolist() == sorted(b.pair_index.tolist()) for b in rows)
     assert len(rows) < 27  # several pairs per row
+
+
+def test_images_of_a_pair_share_the_tile_budget(tiny_models, image_file):
+    """Like InternVL's MPO data code: n images get max(1, max_patches // n) tiles each."""
+    r = Renderer(tiny_models["internvl"])
+    question = "<image>\n<image>\n<image>\nCompare."
+    rp = r.render(make_pair([str(image_file)] * 3, question=question))
+    # budget 6 // 3 = 2 tiles per 160 x 96 image: a 2 x 1 grid + thumbnail = 3 tiles
+    assert rp.pixel_values.shape[0] == 3 * 3
+    one = r.render(make_pair([str(image_file)]))
+    assert one.pixel_values.shape[0] == 7
+
+
+@pytest.mark.parametrize("text", ["<IMG_CONTEXT>", "<img>", "</img>", "<|im_end|>", "<|im_start|>"])
+@pytest.mark.parametrize("where", ["question", "chosen"])
+def test_control_tokens_in_text_are_rejected(tiny_models, image_file, text, where):
+    r = Renderer(tiny_models["internvl"])
+    kw = {"question": f"<image>\nWhat is {text}?"} if where == "question" else {"chosen": f"It is {text}."}
+    with pytest.raises(BadPair, match="control token"):
+        r.render(make_pair([str(image_file)], **kw))
+
+
+def test_processor_path_matches_the_composed_rule(tiny_models, image_file):
+    """Where torchvision exists the model folder's AutoProcessor renders images; it must give the
+    same tokens and tiles as the composed InternVL rule used without it."""
+    pytest.importorskip("torchvision")
+    from mpo.data.render import ImageTokens
+
+    r = Renderer(tiny_models["internvl"])
+    assert r.images.backend == "processor"
+    composed = object.__new__(ImageTokens)
+    composed.__dict__.update(r.images.__dict__, processor=None, backend="composed")
+    from transformers import AutoImageProcessor
+
+    composed.image_processor = AutoImageProcessor.from_pretrained(tiny_models["internvl"])
+    a = r.render(make_pair([str(image_file)]))
+    r.images = composed
+    b = r.render(make_pair([str(image_file)]))
+    assert a.prompt_ids == b.prompt_ids and torch.equal(a.pixel_values, b.pixel_values)

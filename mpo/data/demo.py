@@ -139,6 +139,8 @@ def write_demo_data(out_dir: str | Path, *, train: int = 600, heldout: int = 120
     if out_dir.exists() and any(out_dir.iterdir()):
         if not force:
             raise FileExistsError(f"{out_dir} exists and is not empty (use --force to replace it)")
+        if not all((out_dir / name).exists() for name in ("meta.json", "meta_heldout.json", "annotations")):
+            raise FileExistsError(f"{out_dir} is not a demo set; --force replaces only a demo set")
         shutil.rmtree(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

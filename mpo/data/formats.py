@@ -4,10 +4,12 @@
   "repeat_time", "max_dynamic_patch", ...}; each annotation line {"image": str | [str] | absent,
   "question", "chosen", "rejected"} with "<image>" placeholders (prepended, one per image, when a
   question has none). Relative annotation and root paths resolve against the meta file's folder,
-  image paths against root. repeat_time r: the first floor(n * r) lines when r < 1; the file
-  int(r) times, then the first floor(n * frac(r)) lines, when r > 1. A bare annotation .jsonl
-  also loads (root = its folder).
-- TRL-style records {"prompt", "chosen", "rejected", optional "images"}: plain strings, or chat
+  or else the working directory (the official MMPR meta uses the latter); image paths against
+  root. repeat_time r: the file int(r) times, then a seeded random sample of floor(n * frac(r))
+  of its n lines, kept in file order (InternVL samples too, rather than taking leading lines:
+  MMPR files group the pairs of one question together). A bare annotation .jsonl also loads
+  (root = its folder).
+- TRL-style records {"prompt", "chosen", "rejected", optional "images" (or "image")}: plain strings, or chat
   messages (content as a string or a list of {"type": "text" | "image"} parts) with chosen and
   rejected as one assistant message each; from JSONL, Parquet, or a folder saved by `datasets`.
   Images: paths (relative to the file's folder), encoded bytes, {"bytes", "path"} dicts (the
@@ -18,24 +20,26 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
 from mpo.data.records import IMAGE_TOKEN, BadPair, PreferencePair, Rejects, check_responses
 
 
-def read_pairs(path: str | Path, rejects: Rejects, *, split: str = "train") -> Iterator[PreferencePair]:
-    """Every valid pair of a data source, in data order; bad records go to `rejects`."""
+def read_pairs(path: str | Path, rejects: Rejects, *, split: str = "train", seed: int = 0) -> Iterator[PreferencePair]:
+    """Every valid pair of a data source, in data order; bad records go to `rejects`.
+    seed: for MMPR's fractional repeat_time samples."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"preference data not found: {path}")
     if path.is_dir():
         yield from _read_trl_rows(_dataset_rows(path, split), path, path, rejects)
     elif path.suffix == ".json":
-        yield from _read_mmpr_meta(path, rejects)
+        yield from _read_mmpr_meta(path, rejects, seed)
     elif path.suffix == ".jsonl":
         if _first_record_keys(path) & {"question"}:
-            yield from _read_mmpr_annotation(path, path.parent, 1.0, None, rejects)
+            yield from _read_mmpr_annotation(path, path.parent, 1.0, None, rejects, 0)
         else:
             yield from _read_trl_rows(_jsonl_rows(path), path, path.parent, rejects)
     elif path.suffix == ".parquet":
@@ -47,7 +51,15 @@ def read_pairs(path: str | Path, rejects: Rejects, *, split: str = "train") -> I
 
 # --- MMPR -------------------------------------------------------------------------------------------------
 
-def _read_mmpr_meta(path: Path, rejects: Rejects) -> Iterator[PreferencePair]:
+def _resolve(meta_dir: Path, relative: str) -> Path:
+    """Against the meta file's folder, else the working directory (where MMPR's own meta points)."""
+    here = meta_dir / relative
+    if here.exists() or not Path(relative).exists():
+        return here
+    return Path(relative)
+
+
+def _read_mmpr_meta(path: Path, rejects: Rejects, seed: int) -> Iterator[PreferencePair]:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -64,16 +76,17 @@ def _read_mmpr_meta(path: Path, rejects: Rejects) -> Iterator[PreferencePair]:
         max_patches = entry.get("max_dynamic_patch")
         if max_patches is not None and (not isinstance(max_patches, int) or max_patches < 1):
             raise ValueError(f"{where}: max_dynamic_patch must be an integer >= 1, got {max_patches!r}")
-        annotation = path.parent / entry["annotation"]
-        root = path.parent / entry.get("root", "")
+        annotation = _resolve(path.parent, entry["annotation"])
+        root = _resolve(path.parent, entry.get("root", ""))
         if not annotation.is_file():
-            raise FileNotFoundError(f"{where}: annotation file not found: {annotation}")
-        yield from _read_mmpr_annotation(annotation, root, float(repeat), max_patches, rejects)
+            raise FileNotFoundError(f"{where}: annotation file not found: {path.parent / entry['annotation']}")
+        yield from _read_mmpr_annotation(annotation, root, float(repeat), max_patches, rejects,
+                                         f"{seed}:{name}")
 
 
-def _repeated_line_counts(path: Path, repeat: float) -> Iterator[int | None]:
-    """How many leading lines to read on each pass over the file (None = all): floor(n * repeat)
-    lines in all (computed as a whole, since repeat - int(repeat) is inexact in binary)."""
+def _passes(path: Path, repeat: float, seed) -> Iterator[set | None]:
+    """Per pass over the file, the line numbers to keep (None = all): int(repeat) full passes,
+    then a seeded sample of floor(n * repeat) - n * int(repeat) lines."""
     whole = int(repeat)
     yield from [None] * whole
     if repeat != whole:
@@ -82,16 +95,17 @@ def _repeated_line_counts(path: Path, repeat: float) -> Iterator[int | None]:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 n, last = n + chunk.count(b"\n"), chunk[-1:]
         n += last != b"\n"  # a last line without its newline
-        yield math.floor(n * repeat + 1e-9) - n * whole
+        k = math.floor(n * repeat + 1e-9) - n * whole  # repeat - whole is inexact in binary
+        yield set(random.Random(f"mpo-repeat:{seed}").sample(range(1, n + 1), k))
 
 
 def _read_mmpr_annotation(path: Path, root: Path, repeat: float, max_patches: int | None,
-                          rejects: Rejects) -> Iterator[PreferencePair]:
-    for limit in _repeated_line_counts(path, repeat):
+                          rejects: Rejects, seed) -> Iterator[PreferencePair]:
+    for keep in _passes(path, repeat, seed):
         with path.open(encoding="utf-8") as f:
             for line_no, line in enumerate(f, 1):
-                if limit is not None and line_no > limit:
-                    break
+                if keep is not None and line_no not in keep:
+                    continue
                 if not line.strip():
                     continue
                 source = f"{path}:{line_no}"
@@ -144,9 +158,11 @@ def _trl_pair(obj: dict, base: Path, source: str) -> PreferencePair:
     else:
         raise BadPair("bad_field", "prompt must be a string or a non-empty list of messages")
     chosen, rejected = _response(obj["chosen"], "chosen"), _response(obj["rejected"], "rejected")
-    raw_images = obj.get("images") or []
+    if obj.get("images") is not None and obj.get("image") is not None:
+        raise BadPair("bad_field", "both 'image' and 'images' are given")
+    raw_images = obj.get("images") if obj.get("images") is not None else obj.get("image") or []
     if not isinstance(raw_images, list):
-        raise BadPair("bad_field", "images must be a list")
+        raw_images = [raw_images]  # a single image
     images = tuple(_image_ref(x, base) for x in raw_images)
     if images and not any(IMAGE_TOKEN in m["content"] for m in messages):
         first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), 0)

@@ -34,23 +34,32 @@ class PackingOptions:
             raise ValueError(f"max_tokens must be >= 2, got {self.max_tokens}")
 
 
+@dataclass
+class PipelineCounts:
+    read: int = 0  # pairs numbered so far (rendered or not): the length of per-pair outputs
+    truncated: int = 0  # pairs whose responses were cut to fit a row
+
+
 def rendered_pairs(data, renderer: Renderer, rejects: Rejects, opts: PackingOptions,
-                   counter: list | None = None) -> Iterator[RenderedPair]:
-    """Valid, budget-fitted rendered pairs. `counter`, when given, receives the number of pairs
-    read (rendered or not) as its single element, for aligning per-pair outputs."""
-    n = 0
-    for n, pair in enumerate(read_pairs(data, rejects), 1):
-        if counter is not None:
-            counter[:] = [n]
+                   counts: PipelineCounts | None = None) -> Iterator[RenderedPair]:
+    """Valid, budget-fitted rendered pairs, numbered in data order."""
+    counts = counts if counts is not None else PipelineCounts()
+    for pair in read_pairs(data, rejects):
+        index, counts.read = counts.read, counts.read + 1
         try:
-            yield fit_to_budget(renderer.render(pair, n - 1), opts.layout, opts.max_tokens, opts.overlong)
+            rendered = renderer.render(pair, index)
+            fitted = fit_to_budget(rendered, opts.layout, opts.max_tokens, opts.overlong)
         except BadPair as bad:
             rejects.add(pair.source, bad)
-    if counter is not None:
-        counter[:] = [n]
+            continue
+        counts.truncated += fitted is not rendered
+        yield fitted
 
 
-def packed_rows(pairs: Iterator[RenderedPair], opts: PackingOptions, *, window: int = 64) -> Iterator[PackedBatch]:
+WINDOW = 64  # rendered pairs (with their image tiles) held at once while planning rows
+
+
+def packed_rows(pairs: Iterator[RenderedPair], opts: PackingOptions, *, window: int = WINDOW) -> Iterator[PackedBatch]:
     """Rows of at most opts.max_tokens tokens, first-fit-decreasing within windows of pairs in
     data order (layout 'none': one pair per row)."""
     buffer: list[RenderedPair] = []

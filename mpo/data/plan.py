@@ -95,8 +95,8 @@ def plan_packing(lengths: Sequence[int], max_tokens: int, *, seed: int | None = 
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not max_tokens > 0 or not window > 0:
         raise ValueError(f"max_tokens and window must be > 0, got {max_tokens} and {window}")
-    if seed is not None and seed < 0:
-        raise ValueError(f"seed must be >= 0 or None, got {seed}")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64) or None, got {seed}")
     native = _native() if backend != "python" else None
     if backend == "native" and native is None:
         raise ValueError("backend='native' but the native extension mpo._native is not built")

@@ -76,6 +76,10 @@ class Rejects:
     counts: Counter = field(default_factory=Counter)
     _file: object = None
 
+    def __post_init__(self):
+        if self.path is not None:
+            Path(self.path).unlink(missing_ok=True)  # an old run's list would look like this run's
+
     def add(self, source: str, bad: BadPair, raw: str | None = None) -> None:
         if self.strict:
             raise DataError(f"{source}: {bad}")

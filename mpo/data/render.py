@@ -52,7 +52,7 @@ def load_image(ref) -> Image.Image:
         return ref.convert("RGB")
     except FileNotFoundError:
         raise BadPair("missing_image", str(ref)) from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise BadPair("corrupt_image", f"{ref if isinstance(ref, (str, Path)) else '<bytes>'}: {e}") from None
 
 
@@ -72,6 +72,8 @@ class ImageTokens:
             pass  # e.g. InternVL's video processor without torchvision: compose below
         if self.processor is not None:
             self.image_token = getattr(self.processor, "image_token", None) or tokenizer.context_image_token
+            self.tokens_per_tile = getattr(self.processor, "image_seq_length", None)
+            self.default_max_patches = getattr(self.processor.image_processor, "max_patches", None)
             self.backend = "processor"
             return
         if model_type != "internvl":
@@ -82,12 +84,22 @@ class ImageTokens:
         self.image_processor = AutoImageProcessor.from_pretrained(model_dir)
         config_file = Path(model_dir) / "processor_config.json"
         processor_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        self.image_seq_length = int(processor_config.get("image_seq_length", 256))
+        self.tokens_per_tile = int(processor_config.get("image_seq_length", 256))
+        self.default_max_patches = getattr(self.image_processor, "max_patches", None)
         self.image_token = tokenizer.context_image_token
         self.backend = "composed"
 
+    def control_tokens(self) -> set[str]:
+        """Token strings that user text must not contain: they would forge image slots."""
+        tok = self.tokenizer
+        names = ("start_image_token", "end_image_token", "context_image_token")
+        return {self.image_token} | {t for t in (getattr(tok, n, None) for n in names) if t}
+
     def encode(self, prompt_text: str, images: list, max_patches: int | None) -> tuple[list[int], torch.Tensor]:
-        image_kwargs = {"max_patches": max_patches} if max_patches is not None else {}
+        """max_patches: the pair's tile budget; several images share it as InternVL does
+        (max(1, budget // images) each)."""
+        budget = max_patches if max_patches is not None else self.default_max_patches
+        image_kwargs = {"max_patches": max(1, budget // len(images))} if budget is not None else {}
         if self.processor is not None:
             out = self.processor(text=[prompt_text], images=images, add_special_tokens=False,
                                  return_tensors="pt", **image_kwargs)
@@ -99,7 +111,7 @@ class ImageTokens:
         parts = prompt_text.split(self.image_token)
         text = parts[0]
         for tiles, rest in zip(tiled["num_patches"].tolist(), parts[1:]):
-            text += tok.start_image_token + self.image_token * (self.image_seq_length * tiles) + tok.end_image_token + rest
+            text += tok.start_image_token + self.image_token * (self.tokens_per_tile * tiles) + tok.end_image_token + rest
         return tok(text, add_special_tokens=False)["input_ids"], tiled["pixel_values"].float()
 
 
@@ -117,6 +129,10 @@ class Renderer:
         self.max_patches = max_patches
         self.vision = getattr(config, "vision_config", None) is not None
         self.images = ImageTokens(model_dir, self.tokenizer, config.model_type) if self.vision else None
+        # Chat markup and image markup typed into the data would forge turns or image slots.
+        chat = {t for t in ("<|im_start|>", "<|im_end|>") if t in self.tokenizer.get_vocab()}
+        ends = {t for t in (self.tokenizer.eos_token, self.tokenizer.bos_token) if t}
+        self._control_tokens = chat | ends | (self.images.control_tokens() if self.vision else set())
 
     def describe(self) -> str:
         how = f"images via {self.images.backend}" if self.images else "text-only"
@@ -125,6 +141,10 @@ class Renderer:
     def render(self, pair: PreferencePair, index: int = -1) -> RenderedPair:
         if pair.images and not self.vision:
             raise BadPair("no_vision", f"{len(pair.images)} images")
+        texts = [m["content"] for m in pair.prompt] + [pair.chosen, pair.rejected]
+        for token in self._control_tokens:
+            if any(token in text for text in texts):
+                raise BadPair("bad_field", f"the text contains the control token {token!r}")
         image_token = self.images.image_token if self.vision else IMAGE_TOKEN
         messages = [{"role": m["role"], "content": m["content"].replace(IMAGE_TOKEN, image_token)}
                     for m in pair.prompt]
@@ -140,7 +160,17 @@ class Renderer:
             raise BadPair("bad_field", "the prompt renders to no tokens")
         chosen = self._response_ids(messages, prompt_text, pair.chosen)
         rejected = self._response_ids(messages, prompt_text, pair.rejected)
+        if self.vision:
+            self._check_image_slots(prompt_ids, chosen + rejected, pixel_values)
         return RenderedPair(prompt_ids, chosen, rejected, pixel_values, pair.source, index)
+
+    def _check_image_slots(self, prompt_ids, response_ids, pixel_values) -> None:
+        """The model scatters one feature per image slot: a miscount would fail a whole batch."""
+        slot = self.tokenizer.convert_tokens_to_ids(self.images.image_token)
+        per_tile = self.images.tokens_per_tile
+        want = 0 if pixel_values is None else pixel_values.shape[0] * per_tile if per_tile else None
+        if slot in response_ids or (want is not None and prompt_ids.count(slot) != want):
+            raise BadPair("image_mismatch", f"{prompt_ids.count(slot)} image slots for {want}")
 
     @property
     def _templated(self) -> bool:

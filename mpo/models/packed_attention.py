@@ -36,6 +36,8 @@ class PackingInfo:
     doc_ids: torch.Tensor  # [1, L]
     branch_ids: torch.Tensor  # [1, L]
     cu_seqlens: torch.Tensor  # [documents + 1] int32
+    max_seqlen: int  # the longest document (host-side, so no layer syncs to find it)
+    branched: bool  # any rejected branch (prefix layout): per-document causal attention is not enough
     backend: str = "auto"
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -43,7 +45,9 @@ class PackingInfo:
     def of(cls, batch: PackedBatch, backend: str = "auto") -> PackingInfo:
         if backend not in BACKENDS:
             raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
-        return cls(batch.doc_ids, batch.branch_ids, batch.cu_seqlens, backend)
+        bounds = batch.cu_seqlens.cpu()
+        return cls(batch.doc_ids, batch.branch_ids, batch.cu_seqlens, int((bounds[1:] - bounds[:-1]).max()),
+                   batch.layout == "prefix", backend)
 
     def _cached(self, key, build):
         if key not in self._cache:
@@ -70,16 +74,22 @@ class PackingInfo:
                 return (doc[q] == doc[kv]) & (kv <= q) & ~((branch[q] == REJECTED) & (branch[kv] == CHOSEN))
 
             L = doc.numel()
-            return create_block_mask(mask_mod, 1, None, L, L, device=device)
+            # Uncompiled, create_block_mask evaluates the dense L x L mask (GBs at 16k tokens).
+            return create_block_mask(mask_mod, 1, None, L, L, device=device, _compile=device.type == "cuda")
         return self._cached(("block", device), build)
 
     def choose(self, query: torch.Tensor, dropout: float) -> str:
+        if self.backend == "flash":
+            if self.branched:
+                raise ValueError("flash-attn varlen is causal per document: it cannot keep the prefix "
+                                 "layout's rejected branch from seeing the chosen branch")
+            if _flash_varlen() is None:
+                raise ValueError("attention backend 'flash' needs the flash-attn package")
         if self.backend != "auto":
             return self.backend
         if not query.is_cuda:
             return "sdpa"
-        branched = self._cached("branches", lambda: bool((self.branch_ids == REJECTED).any()))
-        if not branched and query.dtype in (torch.float16, torch.bfloat16) and _flash_varlen() is not None:
+        if not self.branched and query.dtype in (torch.float16, torch.bfloat16) and _flash_varlen() is not None:
             return "flash"
         return "sdpa" if dropout > 0 else "flex"  # flex_attention has no dropout
 
@@ -105,8 +115,10 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     """transformers' attention signature: q [1, H, L, d], k/v [1, H_kv, L, d] -> ([1, L, H, d], None)."""
     if not isinstance(packing, PackingInfo):
         raise ValueError(f"attention {ATTENTION!r} needs packing=PackingInfo(...) in the model call")
-    if sliding_window is not None:
-        raise NotImplementedError(f"{ATTENTION!r} does not implement sliding-window attention")
+    unsupported = [name for name, value in (("sliding_window", sliding_window), ("softcap", kwargs.get("softcap")),
+                                            ("s_aux", kwargs.get("s_aux"))) if value is not None]
+    if unsupported:
+        raise NotImplementedError(f"{ATTENTION!r} does not implement {', '.join(unsupported)} attention")
     if query.shape[0] != 1:
         raise ValueError(f"{ATTENTION!r} takes one packed row (batch 1), got batch {query.shape[0]}")
     dropout = dropout if module.training else 0.0
@@ -114,9 +126,8 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     if backend == "flash":
         fn = _flash_varlen()
         cu = packing.cu_seqlens.to(query.device, torch.int32)
-        max_len = int((cu[1:] - cu[:-1]).max())
         out = fn(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu, cu,
-                 max_len, max_len, dropout_p=dropout, softmax_scale=scaling, causal=True)
+                 packing.max_seqlen, packing.max_seqlen, dropout_p=dropout, softmax_scale=scaling, causal=True)
         return out[None], None
     if backend == "flex":
         from torch.nn.attention.flex_attention import flex_attention
@@ -125,6 +136,11 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         out = flex(query, key, value, block_mask=packing.block_mask(query.device), scale=scaling,
                    enable_gqa=key.shape[1] != query.shape[1])
         return out.transpose(1, 2).contiguous(), None
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1 and query.is_cuda:
+        # With a mask, CUDA's SDPA takes GQA only in its math kernel (O(H L^2) memory); repeated
+        # k/v keep the memory-efficient kernel eligible.
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=packing.bool_mask(query.device),
                                          dropout_p=dropout, scale=scaling,
                                          enable_gqa=key.shape[1] != query.shape[1])
