@@ -67,11 +67,15 @@ setup(
         "tokenizers>=0.21",
         "safetensors",
         "pillow",
+        "pyyaml",
+        "tqdm",
+        "deepspeed>=0.16",
     ],
     extras_require={
         # Parquet files and saved `datasets` folders as preference data.
         "data": ["pyarrow", "datasets"],
-        "test": ["pytest>=8", "pyarrow", "datasets"],
+        "plot": ["matplotlib"],
+        "test": ["pytest>=8", "pyarrow", "datasets", "matplotlib"],
         # Other fused implementations measured against in bench/ (they need CUDA to run).
         "bench": ["trl", "liger-kernel", "cut-cross-entropy"],
     },

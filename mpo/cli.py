@@ -123,6 +123,53 @@ def _print_stats(s: dict) -> None:
     print(f"prefix sharing saves {s['prefix_saves_tokens']} tokens ({100 * s['prefix_saves_fraction']:.1f}%)")
 
 
+def _train_config(args: argparse.Namespace):
+    from mpo.train.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.output_dir:
+        cfg.train.output_dir = args.output_dir
+    return cfg
+
+
+def _train(args: argparse.Namespace) -> int:
+    from mpo.train.demo import run_demo, summary_table
+    from mpo.train.trainer import Trainer
+
+    _quiet_transformers()
+    if args.config is not None and "=" in args.config and not Path(args.config).exists():
+        args.overrides, args.config = [args.config, *args.overrides], None  # overrides of the demo
+    if args.config is None:
+        summary, main = run_demo(args.overrides, args.output_dir, resume=args.resume)
+    else:
+        cfg = _train_config(args)
+        trainer = Trainer(cfg, cfg.train.output_dir, resume=args.resume)
+        summary, main = trainer.run(), trainer.dist.main
+    if main:
+        print(summary_table(summary))
+    return 0
+
+
+def _ref_logps(args: argparse.Namespace) -> int:
+    from mpo.train.config import load_config
+    from mpo.train.trainer import reference_caches
+
+    _quiet_transformers()
+    cfg = load_config(args.config, args.overrides)
+    if args.output_dir:
+        cfg.train.output_dir = args.output_dir
+    for split, path in reference_caches(cfg).items():
+        print(f"reference log-probs ({split}): {path}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from mpo.train.plot import plot_run
+
+    print(f"wrote {plot_run(Path(args.run_dir), Path(args.out) if args.out else None)}")
+    return 0
+
+
 def _add_packing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder (tokenizer, chat template, processor)")
     p.add_argument("--data", required=True, help="MMPR meta .json, .jsonl, .parquet or a saved datasets folder")
@@ -152,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo-data", help="write the demo multimodal preference set (MMPR format)")
     p.add_argument("dir", help="output folder")
-    p.add_argument("--train", type=int, default=600, help="training pairs")
+    p.add_argument("--train", type=int, default=1200, help="training pairs")
     p.add_argument("--heldout", type=int, default=120, help="held-out pairs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
@@ -165,6 +212,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
     p.set_defaults(handler=_logps)
+
+    from mpo.train.config import help_text
+
+    p = sub.add_parser("train", help="train with MPO (no config: the built-in demo)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="config keys (YAML sections, or section.key=value overrides):\n" + help_text())
+    p.add_argument("config", nargs="?", help="YAML config; omit it for the built-in demo")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--output-dir", help="run directory (default: the config's train.output_dir)")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
+    p.set_defaults(handler=_train)
+
+    p = sub.add_parser("ref-logps", help="build the reference log-prob cache of a training config")
+    p.add_argument("config", help="YAML config")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--output-dir", help="run directory (where the cache goes by default)")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    p.set_defaults(handler=_ref_logps)
+
+    p = sub.add_parser("plot", help="draw a run's metric curves to a PNG")
+    p.add_argument("run_dir", help="run directory (with metrics.jsonl)")
+    p.add_argument("--out", help="output PNG (default: RUN_DIR/metrics.png)")
+    p.set_defaults(handler=_plot)
 
     data = sub.add_parser("data", help="check or measure preference data for a model")
     data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)

@@ -64,15 +64,16 @@ class MPOLoss(torch.nn.Module):
     -> (loss, metrics). seq_ids: pair i -> chosen 2i, rejected 2i + 1, -1 = not scored. P may be 0
     (a rank without pairs still takes part in the reward shift's all-reduce; its loss is 0).
     chosen_token_count / pair_count: global normalisers (all micro-batches and ranks of a step);
-    by default this call's. The reward shift is updated only in training mode; metrics include
-    TRL's names, loss/<type> and reward_shift.
+    by default this call's. The reward shift is updated by each training-mode call (the MPO
+    authors' per-micro-batch cadence) unless update_shift=False, for callers that fold rewards in
+    themselves (the trainer: once per optimizer step). Metrics: TRL's names, loss/<type>, reward_shift.
     """
 
     def __init__(self, beta: float = 0.1, loss_types: Sequence[str] = MPO_LOSS_TYPES,
                  loss_weights: Sequence[float] = MPO_LOSS_WEIGHTS,
-                 reward_shift: str | RewardShift = "cumulative", *, label_smoothing: float = 0.0,
-                 temperature: float = 1.0, softcap: float | None = None, ignore_index: int = -100,
-                 impl: str = "auto"):
+                 reward_shift: str | RewardShift = "cumulative", *, update_shift: bool = True,
+                 label_smoothing: float = 0.0, temperature: float = 1.0, softcap: float | None = None,
+                 ignore_index: int = -100, impl: str = "auto"):
         super().__init__()
         self.loss_types, self.loss_weights = check_loss_spec(loss_types, loss_weights)
         if not beta > 0:
@@ -80,6 +81,7 @@ class MPOLoss(torch.nn.Module):
         self.beta, self.label_smoothing = float(beta), float(label_smoothing)
         self.reward_shift = (reward_shift if isinstance(reward_shift, RewardShift)
                              else RewardShift(reward_shift))
+        self.update_shift = update_shift
         self.head = {"temperature": temperature, "softcap": softcap, "ignore_index": ignore_index,
                      "impl": impl}
 
@@ -97,7 +99,7 @@ class MPOLoss(torch.nn.Module):
             chosen_token_count = counts[0::2].sum()
 
         delta = self.reward_shift.value
-        if "bco_pair" in self.loss_types and self.training:
+        if "bco_pair" in self.loss_types and self.training and self.update_shift:
             with torch.no_grad():
                 delta = self.reward_shift.update(self.beta * torch.cat([chosen - ref_c, rejected - ref_r]))
 

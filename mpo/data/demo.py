@@ -5,9 +5,11 @@ Three tasks with ground truth, each question about a 112 x 112 PNG:
 - bars: a bar chart of 3-4 labelled bars ("Which bar is the tallest?");
 - arithmetic: an expression drawn in the image ("What is the result of the expression?").
 chosen = a correct step-by-step answer ending "Final answer: X"; rejected = plausible wrong
-reasoning: usually a slip visible in the text itself (a miscounted conclusion, a wrong maximum, a
-wrong sum), otherwise a misreading of the image with self-consistent text. The text-visible
-slips make the set learnable by a tiny model in minutes; the misreadings need the image.
+reasoning. Every answer works through a sequence whose last element is the answer (counting the
+shapes 1, 2, 3; reading the bars while keeping the tallest so far; counting on from the first
+number); a rejected answer usually concludes something other than where its own sequence ended
+(a slip visible in the text, which a tiny model learns to spot in minutes), otherwise it misreads
+the image and then reasons consistently (which needs the image).
 
 Layout of DIR: meta.json (train) and meta_heldout.json (held-out), each mapping one dataset per
 task to annotations/<task>_<split>.jsonl; images/<split>/<task>_<i>.png. Annotation lines also
@@ -28,7 +30,7 @@ TASKS = ("count", "bars", "arithmetic")
 SIZE = 112
 SHAPES = ("circle", "square", "triangle")
 COLORS = ((220, 40, 40), (40, 110, 220), (30, 160, 60), (200, 140, 20), (140, 60, 180))
-TEXT_SLIP = 0.75  # share of rejected answers whose error shows in the text
+TEXT_SLIP = 0.9  # share of rejected answers whose error shows in the text
 
 
 def _font(size: int):
@@ -75,37 +77,49 @@ def _bars(rng: random.Random):
         x = 8 + i * width
         draw.rectangle((x + 4, 94 - 9 * v, x + width - 4, 94), fill=COLORS[i])
         draw.text((x + width // 2 - 4, 97), label, fill="black", font=font)
-    reading = ", ".join(f"{label} is {v}" for label, v in zip(labels, values))
-    best = max(range(n), key=lambda i: values[i])
-    chosen = (f"Reading the chart: {reading}. The largest value is {values[best]}, so the tallest bar is "
-              f"{labels[best]}.\nFinal answer: {labels[best]}")
-    other = rng.choice([i for i in range(n) if i != best])
-    if rng.random() < TEXT_SLIP:
-        rejected = (f"Reading the chart: {reading}. The largest value is {values[other]}, so the tallest bar is "
-                    f"{labels[other]}.\nFinal answer: {labels[other]}")
-    else:  # misread: swap the two bars' values, then reason consistently
+
+    def answer(vals):  # read the bars left to right, keeping the tallest so far
+        reading = ", ".join(f"{label} is {v}" for label, v in zip(labels, vals))
+        running = [labels[max(range(i + 1), key=lambda j: vals[j])] for i in range(n)]
+        return f"Reading the chart: {reading}. The tallest so far: {', '.join(running)}.", running[-1]
+
+    best = labels[max(range(n), key=lambda i: values[i])]
+    steps, _ = answer(values)
+    chosen = f"{steps} The tallest bar is {best}.\nFinal answer: {best}"
+    if rng.random() < TEXT_SLIP:  # a conclusion the reading never reached
+        never_led = [label for label in labels if label not in steps.split("so far:")[1]]
+        wrong = rng.choice(never_led or [label for label in labels if label != best])
+        rejected = f"{steps} The tallest bar is {wrong}.\nFinal answer: {wrong}"
+    else:  # misread: two bars' values swapped, then read consistently
         misread = list(values)
-        misread[best], misread[other] = misread[other], misread[best]
-        wrong_reading = ", ".join(f"{label} is {v}" for label, v in zip(labels, misread))
-        rejected = (f"Reading the chart: {wrong_reading}. The largest value is {values[best]}, so the tallest "
-                    f"bar is {labels[other]}.\nFinal answer: {labels[other]}")
-    return image, "Which bar is the tallest?", chosen, rejected, labels[best]
+        i, j = values.index(max(values)), rng.choice([k for k in range(n) if values[k] != max(values)])
+        misread[i], misread[j] = misread[j], misread[i]
+        steps, wrong = answer(misread)
+        rejected = f"{steps} The tallest bar is {wrong}.\nFinal answer: {wrong}"
+    return image, "Which bar is the tallest?", chosen, rejected, best
 
 
 def _arithmetic(rng: random.Random):
-    a, b, op = rng.randint(2, 19), rng.randint(2, 9), rng.choice("+-")
-    value = a + b if op == "+" else a - b
+    op = rng.choice("+-")  # single-digit operands and results, like the counts
+    a, b = (rng.randint(1, 5), rng.randint(2, 4)) if op == "+" else (rng.randint(5, 9), rng.randint(2, 4))
     image = Image.new("RGB", (SIZE, SIZE), "white")
     ImageDraw.Draw(image).text((12, 38), f"{a} {op} {b}", fill="black", font=_font(30))
-    verb = "Adding" if op == "+" else "Subtracting"
-    chosen = f"The image shows {a} {op} {b}. {verb} gives {a} {op} {b} = {value}.\nFinal answer: {value}"
-    if rng.random() < TEXT_SLIP:
-        wrong = value + rng.choice([-2, -1, 1, 2])
-        rejected = f"The image shows {a} {op} {b}. {verb} gives {a} {op} {b} = {wrong}.\nFinal answer: {wrong}"
-    else:  # misread the second number
-        b2 = b + 1
-        wrong = a + b2 if op == "+" else a - b2
-        rejected = f"The image shows {a} {op} {b2}. {verb} gives {a} {op} {b2} = {wrong}.\nFinal answer: {wrong}"
+
+    def answer(b_read):  # count on (or down) from a, one number per unit of b
+        sign = 1 if op == "+" else -1
+        counted = [a + sign * k for k in range(1, b_read + 1)]
+        way = "Counting on" if op == "+" else "Counting down"
+        return (f"The image shows {a} {op} {b_read}. {way} from {a}: {', '.join(map(str, counted))}.",
+                counted[-1])
+
+    steps, value = answer(b)
+    chosen = f"{steps} The result is {value}.\nFinal answer: {value}"
+    if rng.random() < TEXT_SLIP:  # stopped one count short
+        wrong = value - (1 if op == "+" else -1)
+        rejected = f"{steps} The result is {wrong}.\nFinal answer: {wrong}"
+    else:  # misread the second number, then count consistently
+        steps, wrong = answer(b + 1)
+        rejected = f"{steps} The result is {wrong}.\nFinal answer: {wrong}"
     return image, "What is the result of the expression in the image?", chosen, rejected, str(value)
 
 
@@ -132,7 +146,7 @@ def _write_split(root: Path, split: str, n: int, seed: int) -> dict:
     return meta
 
 
-def write_demo_data(out_dir: str | Path, *, train: int = 600, heldout: int = 120, seed: int = 0,
+def write_demo_data(out_dir: str | Path, *, train: int = 1200, heldout: int = 120, seed: int = 0,
                     force: bool = False) -> Path:
     """Generate the set into out_dir (built in a temporary folder, then renamed into place)."""
     out_dir = Path(out_dir)

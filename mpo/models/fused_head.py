@@ -1,0 +1,70 @@
+"""The policy and the fused MPO loss as one module, shaped for DeepSpeed (ZeRO-3 included).
+
+The engine must run the loss inside its forward (so its gradient-reduction hooks fire), and under
+ZeRO-3 every parameter is a 0-element shard outside its own module's forward. The fused loss reads
+the LM-head weight directly (the logits are never formed), so `PolicyWithLoss` puts the loss in a
+submodule and registers the weight (and bias) as that submodule's external parameters: ZeRO-3
+then gathers them for the loss's forward and again for its backward, which recomputes the logit
+tiles. Tied embeddings need nothing more: the shared Parameter is simply gathered for both uses.
+
+Vision-language models run their vision tower on every row: a row without images feeds it one
+blank tile and adds 0 x the features to the loss. Under ZeRO-3 each module's forward gathers its
+parameters collectively, so a rank that skipped the vision tower while another ran it would hang.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mpo.data.packing import PackedBatch
+from mpo.models.loading import is_vision_language, lm_head, packed_hidden_states
+from mpo.mpo_loss import MPOLoss
+
+
+class _LossHead(torch.nn.Module):
+    def __init__(self, criterion: MPOLoss):
+        super().__init__()
+        self.criterion = criterion
+
+    def forward(self, hidden, weight, bias, labels, seq_ids, ref_chosen, ref_rejected, pair_count, tokens):
+        return self.criterion(hidden, weight, labels, seq_ids, ref_chosen, ref_rejected, bias,
+                              chosen_token_count=tokens, pair_count=pair_count)
+
+
+class PolicyWithLoss(torch.nn.Module):
+    """forward(batch, ref_chosen [P], ref_rejected [P], *, pair_count, chosen_token_count, scale)
+    -> (scale x loss, metrics) for one packed row; the counts are the step's global normalisers."""
+
+    def __init__(self, model, criterion: MPOLoss, *, zero3: bool, attention: str = "auto"):
+        super().__init__()
+        self.model = model
+        self.loss_head = _LossHead(criterion)
+        self.attention = attention
+        self.vision = is_vision_language(model.config)
+        if zero3:
+            import deepspeed
+
+            head = lm_head(model)
+            for param in (head.weight, head.bias):
+                if param is not None:
+                    deepspeed.zero.register_external_parameter(self.loss_head, param)
+
+    @property
+    def criterion(self) -> MPOLoss:
+        return self.loss_head.criterion
+
+    def forward(self, batch: PackedBatch, ref_chosen, ref_rejected, *, pair_count, chosen_token_count,
+                scale: float = 1.0):
+        hidden = packed_hidden_states(self.model, batch, backend=self.attention)
+        head = lm_head(self.model)
+        loss, metrics = self.loss_head(hidden, head.weight, head.bias, batch.labels[0], batch.seq_ids[0],
+                                       ref_chosen, ref_rejected, pair_count, chosen_token_count)
+        if self.vision and batch.pixel_values is None:
+            loss = loss + 0.0 * self._blank_tile_features(hidden)
+        return loss * scale, metrics
+
+    def _blank_tile_features(self, like: torch.Tensor) -> torch.Tensor:
+        size = self.model.config.vision_config.image_size
+        h, w = (size, size) if isinstance(size, int) else size
+        blank = torch.zeros(1, 3, h, w, dtype=self.model.dtype, device=like.device)
+        return self.model.model.get_image_features(pixel_values=blank).pooler_output.float().sum()

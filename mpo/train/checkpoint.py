@@ -1,0 +1,136 @@
+"""Resumable checkpoints and the final from_pretrained export, written atomically.
+
+checkpoint-<step>/ holds everything an exact resume needs:
+  optimizer.rank<r>.{safetensors,json}  each rank's optimizer state (for ZeRO: its partition,
+                                        with the fp32 master weights)
+  model.safetensors                     the trainable weights (ZeRO stages 0-2; under ZeRO-3 the
+                                        fp32 master partitions in the optimizer state restore them)
+  rng.rank<r>.{safetensors,json}        torch (CPU and CUDA), Python and NumPy RNG states
+  trainer.json                          step, scheduler, reward shift, counters
+Everything is written into .checkpoint-<step>.tmp and renamed when complete, so a killed run
+never leaves a half-written checkpoint behind; the oldest checkpoints beyond `keep_last` are
+removed. Frozen weights are not stored: they are those of the model folder the run starts from.
+final/ is a transformers save_pretrained folder (safetensors, parameters gathered from ZeRO-3)
+with the tokenizer and processor files of the original model folder.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mpo.train.distributed import Dist, barrier
+from mpo.train.state import load_state, save_state
+
+MODEL_FILES = re.compile(r"(model.*\.safetensors|pytorch_model.*\.bin|.*\.safetensors\.index\.json|config\.json|"
+                         r"generation_config\.json)$")
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    found = [p for p in run_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def _rng_state() -> tuple[dict, dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return tensors, {"python": [py[0], list(py[1]), py[2]],
+                     "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+
+
+def _set_rng_state(tensors: dict, plain: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+    version, state, gauss = plain["python"]
+    random.setstate((version, tuple(state), gauss))
+    name, keys, *rest = plain["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+
+
+def save(engine, run_dir: Path, step: int, trainer_state: dict, dist: Dist, *, zero_stage: int, keep_last: int) -> Path:
+    final = run_dir / f"checkpoint-{step}"
+    tmp = run_dir / f".checkpoint-{step}.tmp"
+    if dist.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    save_state(engine.optimizer.state_dict(), tmp / f"optimizer.rank{dist.rank}")
+    rng_tensors, rng_plain = _rng_state()
+    save_state({"tensors": rng_tensors, "plain": rng_plain}, tmp / f"rng.rank{dist.rank}")
+    if dist.main:
+        if zero_stage < 3:
+            from safetensors.torch import save_file
+
+            trainable = {n: p.detach().cpu().contiguous().clone() for n, p in engine.module.named_parameters()
+                         if p.requires_grad}
+            save_file(trainable, str(tmp / "model.safetensors"))
+        (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
+    barrier()
+    if dist.main:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    barrier()
+    return final
+
+
+def load(engine, ckpt: Path, dist: Dist, *, zero_stage: int) -> dict:
+    """Restore optimizer (and, below ZeRO-3, the weights) and RNG; returns trainer.json's state."""
+    state = json.loads((ckpt / "trainer.json").read_text())
+    if state.get("world_size") != dist.world:
+        raise ValueError(f"{ckpt} was written by {state.get('world_size')} ranks; resuming needs the same number "
+                         f"(this run has {dist.world})")
+    if zero_stage < 3:
+        from safetensors.torch import load_file
+
+        weights = load_file(str(ckpt / "model.safetensors"))
+        missing = engine.module.load_state_dict(weights, strict=False).missing_keys
+        trainable = {n for n, p in engine.module.named_parameters() if p.requires_grad}
+        if trainable & set(missing):
+            raise ValueError(f"{ckpt}: model.safetensors lacks trainable weights {sorted(trainable & set(missing))[:3]}")
+    live = engine.optimizer.state_dict()
+    if isinstance(engine.optimizer, torch.optim.Optimizer) and not hasattr(engine.optimizer, "loss_scaler"):
+        engine.optimizer.load_state_dict(load_state(ckpt / f"optimizer.rank{dist.rank}", live))
+    else:  # DeepSpeed's optimizers take every rank's state (ZeRO 1-2 merge fp32 partitions)
+        states = [load_state(ckpt / f"optimizer.rank{r}", live) for r in range(dist.world)]
+        engine.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
+    rng = load_state(ckpt / f"rng.rank{dist.rank}")
+    _set_rng_state(rng["tensors"], rng["plain"])
+    return state
+
+
+def export_final(engine, source_dir: Path, run_dir: Path, dist: Dist, *, zero_stage: int) -> Path:
+    """run_dir/final: the trained model as a from_pretrained folder, with its processor files."""
+    import deepspeed
+
+    model = engine.module.model
+    state = {}
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], enabled=zero_stage == 3):
+            if dist.main:
+                state[name] = param.detach().cpu().clone()
+    for name, buffer in model.named_buffers():
+        if dist.main:
+            state[name] = buffer.detach().cpu().clone()
+    final, tmp = run_dir / "final", run_dir / ".final.tmp"
+    if dist.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        for f in source_dir.iterdir():
+            if f.is_file() and not MODEL_FILES.match(f.name):
+                shutil.copy2(f, tmp / f.name)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    barrier()
+    return final

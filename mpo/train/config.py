@@ -1,0 +1,243 @@
+"""Training configuration: one dataclass per section, each field with a one-line help.
+
+A config is a YAML file of sections (model, data, loss, optim, train, deepspeed, checkpoint,
+logging) overlaid on the defaults below, then `section.key=value` overrides (values parsed as
+YAML scalars). Unknown sections or keys and values of the wrong type or outside their range raise
+ValueError naming the key (and the file). `mpo train --help` prints every field with its help.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from mpo.data.packing import LAYOUTS, OVERLONG
+from mpo.losses import MPO_LOSS_TYPES, MPO_LOSS_WEIGHTS, RewardShift, check_loss_spec
+from mpo.models.packed_attention import BACKENDS
+
+
+def opt(default, help: str, *, choices=None, low=None, high=None):
+    """A config field: default, one-line help, optional allowed choices and numeric bounds."""
+    meta = {"help": help, "choices": choices, "low": low, "high": high}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    path: str = opt("", "policy model folder (HF format: weights, config, tokenizer, processor)")
+    dtype: str = opt("auto", "training dtype; auto = bf16 on GPU, fp32 on CPU", choices=("auto", "bf16", "fp16", "fp32"))
+    gradient_checkpointing: bool = opt(False, "recompute the backbone's activations in backward to save memory")
+    freeze_vision: bool = opt(False, "freeze the vision tower (vision-language models)")
+    freeze_projector: bool = opt(False, "freeze the vision-to-language projector")
+    freeze_language: bool = opt(False, "freeze the language model (its embeddings and LM head included)")
+    attention: str = opt("auto", "packed attention backend", choices=BACKENDS)
+
+
+@dataclass
+class DataConfig:
+    train: str = opt("", "training pairs: MMPR meta .json, .jsonl, .parquet or a saved datasets folder")
+    eval: str = opt("", "held-out pairs (same formats); empty = no evaluation")
+    packing: str = opt("prefix", "packed row layout", choices=LAYOUTS)
+    overlong: str = opt("truncate", "pairs longer than a row: cut the responses, or drop the pair", choices=OVERLONG)
+    strict: bool = opt(False, "stop at the first bad record instead of skipping it")
+    max_patches: int | None = opt(None, "image tiles per pair (None: the dataset's or processor's)", low=1)
+    shuffle_window: int = opt(4096, "pairs per first-fit-decreasing window when planning rows", low=1)
+
+
+@dataclass
+class LossConfig:
+    types: list[str] = opt(list(MPO_LOSS_TYPES), "loss types combined (sigmoid, bco_pair, sft, hinge, ipo, ...)")
+    weights: list[float] = opt(list(MPO_LOSS_WEIGHTS), "one weight per loss type")
+    beta: float = opt(0.1, "KL weight beta of the implicit reward", low=1e-12)
+    label_smoothing: float = opt(0.0, "label smoothing (cDPO / robust / exo_pair)", low=0.0, high=0.5)
+    reward_shift: str = opt("cumulative", "bco_pair's reward shift delta", choices=RewardShift.MODES)
+    reward_shift_momentum: float = opt(0.99, "momentum of the ema reward shift", low=0.0, high=0.999999)
+    reference: str = opt("cache", "reference log-probs: cache (computed once, before training) or online",
+                         choices=("cache", "online"))
+    reference_model: str = opt("", "reference model folder; empty = the initial policy (model.path)")
+    reference_cache: str = opt("", "reference cache file; empty = <output_dir>/reference_logps.safetensors")
+    impl: str = opt("auto", "fused LM-head path: auto (Triton on CUDA), triton or torch", choices=("auto", "triton", "torch"))
+
+
+@dataclass
+class OptimConfig:
+    lr: float = opt(5e-6, "peak learning rate (AdamW)", low=0.0)
+    weight_decay: float = opt(0.05, "AdamW weight decay (not on biases and norms)", low=0.0)
+    betas: list[float] = opt([0.9, 0.999], "AdamW betas")
+    eps: float = opt(1e-8, "AdamW epsilon", low=0.0)
+    warmup_ratio: float = opt(0.03, "share of the steps spent warming the learning rate up linearly", low=0.0, high=1.0)
+    schedule: str = opt("cosine", "learning-rate decay after warm-up", choices=("cosine", "constant", "linear"))
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 = off)", low=0.0)
+    max_skipped_steps: int = opt(5, "stop after this many consecutive skipped (non-finite) steps", low=1)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = opt("runs/mpo", "run directory (overridden by --output-dir)")
+    max_steps: int = opt(0, "optimizer steps to run; 0 = train.epochs epochs", low=0)
+    epochs: int = opt(1, "passes over the data when max_steps is 0", low=1)
+    seed: int = opt(0, "seed of data order, packing and initialisation", low=0)
+    global_batch_pairs: int = opt(256, "pairs per optimizer step, over all micro-batches and ranks", low=1)
+    max_tokens_per_row: int = opt(8192, "tokens per packed row (one micro-batch)", low=2)
+    eval_every: int = opt(0, "evaluate every N steps (0 = only before and after training)", low=0)
+    device: str = opt("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = opt(3, "ZeRO stage: 0 (data parallel), 1, 2 or 3 (parameters partitioned)", low=0, high=3)
+    offload_optimizer: bool = opt(False, "keep optimizer states in CPU memory (ZeRO stages 1-3)")
+    config: str = opt("", "DeepSpeed JSON whose entries are merged over the generated config")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = opt(0, "save a resumable checkpoint every N steps (0 = only at the end)", low=0)
+    keep_last: int = opt(2, "checkpoints kept (older ones are deleted)", low=1)
+    export_final: bool = opt(True, "write <output_dir>/final as a from_pretrained folder at the end")
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = opt(1, "log training metrics every N steps", low=1)
+    tensorboard: bool = opt(True, "also write TensorBoard events (when tensorboard is installed)")
+    progress: bool = opt(True, "show a progress bar with ETA")
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "optim": OptimConfig,
+            "train": TrainConfig, "deepspeed": DeepSpeedConfig, "checkpoint": CheckpointConfig,
+            "logging": LoggingConfig}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(key: str, value, hint):
+    """Check `value` against the field's type hint (ints are accepted for floats)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and value is None:
+        return ""
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ValueError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _check_field(key: str, f: dataclasses.Field, value) -> None:
+    meta = f.metadata
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if meta.get("choices") and v not in meta["choices"]:
+            raise ValueError(f"{key}: {v!r} is not one of {list(meta['choices'])}")
+        if v is not None and not isinstance(v, str) and meta.get("low") is not None and v < meta["low"]:
+            raise ValueError(f"{key}: {v!r} is below the minimum {meta['low']}")
+        if v is not None and not isinstance(v, str) and meta.get("high") is not None and v > meta["high"]:
+            raise ValueError(f"{key}: {v!r} is above the maximum {meta['high']}")
+
+
+def _set(cfg: Config, section: str, key: str, value, where: str) -> None:
+    if section not in SECTIONS:
+        raise ValueError(f"{where}unknown config section {section!r} (sections: {', '.join(SECTIONS)})")
+    obj = getattr(cfg, section)
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    if key not in fields:
+        raise ValueError(f"{where}unknown config key '{section}.{key}' (keys: {', '.join(fields)})")
+    hints = typing.get_type_hints(type(obj))
+    name = f"{where}{section}.{key}"
+    value = _coerce(name, value, hints[key])
+    _check_field(name, fields[key], value)
+    setattr(obj, key, value)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file, then `section.key=value` overrides; validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a config maps section names to their keys")
+        for section, entries in data.items():
+            if not isinstance(entries, dict):
+                if section not in SECTIONS:
+                    raise ValueError(f"{path}: unknown config section {section!r}")
+                raise ValueError(f"{path}: section {section!r} must map keys to values")
+            for key, value in entries.items():
+                _set(cfg, section, key, value, f"{path}: ")
+    for item in overrides:
+        name, sep, raw = item.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot:
+            raise ValueError(f"override {item!r}: expected section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ValueError(f"override {item!r}: {e}") from e
+        _set(cfg, section, key, value, "override: ")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks across fields (single fields were checked as they were set)."""
+    try:
+        check_loss_spec(cfg.loss.types, cfg.loss.weights)
+    except ValueError as e:
+        raise ValueError(f"loss.types / loss.weights: {e}") from None
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ValueError(f"optim.betas: two values in [0, 1) expected, got {cfg.optim.betas}")
+    if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage == 0:
+        raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+    for key, value in (("model.path", cfg.model.path), ("data.train", cfg.data.train)):
+        if not value:
+            raise ValueError(f"{key} is required")
+
+
+def dump(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def help_text() -> str:
+    """Every section.key with its default and help, for `mpo train --help`."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"{section}:")
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            choices = f" {{{', '.join(map(str, f.metadata['choices']))}}}" if f.metadata.get("choices") else ""
+            lines.append(f"  {section}.{f.name} = {default!r}{choices}\n      {f.metadata['help']}")
+    return "\n".join(lines)

@@ -1,0 +1,136 @@
+"""The DeepSpeed engine for the policy: config, model loading, freezing, optimizer, schedule.
+
+Under ZeRO-3 the model is loaded while transformers' HfDeepSpeedConfig is alive, so
+from_pretrained materialises every parameter already partitioned (a model larger than one GPU
+never exists whole on one). The optimizer is torch's AdamW (fused on CUDA) handed to DeepSpeed;
+weight decay skips biases and norm weights; the learning rate warms up linearly, then decays.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from mpo.losses import RewardShift
+from mpo.models.fused_head import PolicyWithLoss
+from mpo.models.loading import load_model, logit_softcap
+from mpo.mpo_loss import MPOLoss
+from mpo.train.config import Config
+from mpo.train.distributed import Dist
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def train_dtype(cfg: Config, dist: Dist) -> torch.dtype:
+    if cfg.model.dtype == "auto":
+        return torch.bfloat16 if dist.device.type == "cuda" else torch.float32
+    return DTYPES[cfg.model.dtype]
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for k, v in extra.items():
+        base[k] = _merge(base.get(k, {}), v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return base
+
+
+def deepspeed_config(cfg: Config, dtype: torch.dtype) -> dict:
+    """The DeepSpeed config this run uses: one packed row per micro-batch; the trainer marks
+    accumulation boundaries itself (rows per step vary) and normalises the loss globally."""
+    zero = {"stage": cfg.deepspeed.zero_stage}
+    if cfg.deepspeed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.optim.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 62,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.deepspeed.config:
+        path = Path(cfg.deepspeed.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"deepspeed.config: file not found: {path}")
+        try:
+            extra = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"deepspeed.config: {path}:{e.lineno}: {e.msg}") from e
+        _merge(config, extra)
+    return config
+
+
+def freeze(model, cfg: Config) -> None:
+    """Freeze the parts the config names (InternVL-style names: vision_tower, multi_modal_projector,
+    language_model; lm_head belongs to the language model)."""
+    inner = getattr(model, "model", model)
+    language = getattr(inner, "language_model", None)
+    parts = {"vision": [getattr(inner, "vision_tower", None)],
+             "projector": [getattr(inner, "multi_modal_projector", None)],
+             "language": [inner if language is None else language, getattr(model, "lm_head", None)]}
+    for name in ("vision", "projector", "language"):
+        if getattr(cfg.model, f"freeze_{name}"):
+            modules = [m for m in parts[name] if m is not None]
+            if not modules:
+                raise ValueError(f"model.freeze_{name}: {type(model).__name__} has no {name} part")
+            for m in modules:
+                m.requires_grad_(False)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("model.freeze_*: every parameter is frozen; nothing would train")
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
+    warmup = math.ceil(total_steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if schedule == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+
+    return factor
+
+
+def build(cfg: Config, dist: Dist, total_steps: int):
+    """-> (engine, scheduler, dtype): the policy wrapped with its fused loss."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    dtype = train_dtype(cfg, dist)
+    ds_config = deepspeed_config(cfg, dtype)
+    zero3 = cfg.deepspeed.zero_stage == 3
+    keep_alive = HfDeepSpeedConfig(ds_config) if zero3 else None
+    model = load_model(cfg.model.path, dtype=dtype, device="cpu" if zero3 else dist.device)
+    del keep_alive
+    freeze(model, cfg)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    shift = RewardShift(cfg.loss.reward_shift, cfg.loss.reward_shift_momentum)
+    criterion = MPOLoss(cfg.loss.beta, cfg.loss.types, cfg.loss.weights, shift, update_shift=False,
+                        label_smoothing=cfg.loss.label_smoothing, softcap=logit_softcap(model), impl=cfg.loss.impl)
+    policy = PolicyWithLoss(model, criterion, zero3=zero3, attention=cfg.model.attention)
+
+    decay, no_decay = [], []
+    for p in policy.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr,
+                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                  fused=dist.device.type == "cuda" and not cfg.deepspeed.offload_optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total_steps, cfg.optim.warmup_ratio, cfg.optim.schedule))
+    engine, _, _, scheduler = deepspeed.initialize(model=policy, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=ds_config)
+    return engine, scheduler, dtype

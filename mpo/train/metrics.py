@@ -1,0 +1,81 @@
+"""Run metrics: metrics.jsonl, TensorBoard (when installed), a progress bar, throughput and MFU.
+
+Every logged row is one JSON object in <run>/metrics.jsonl with `step`, `split` ("train" or
+"eval") and the metric names (TRL's: loss, loss/<type>, rewards/chosen, rewards/rejected,
+rewards/accuracies, rewards/margins, logps/chosen, logps/rejected; plus reward_shift, lr, pairs,
+pairs/s, tokens/s/gpu, mfu, peak_memory_gb, skipped_steps). Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# Dense bf16 peak FLOP/s by GPU name, for MFU (none known on CPUs: MFU is not reported there).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
+              "B200": 2250e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak CUDA memory allocated on this device, or this process's peak RSS on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, *, main: bool, total_steps: int, start_step: int, tensorboard: bool,
+                 progress: bool):
+        self.main, self.total = main, total_steps
+        self.path = run_dir / "metrics.jsonl"
+        self.writer = self.bar = None
+        if not main:
+            return
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                pass
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="mpo train", unit="step",
+                            dynamic_ncols=True, file=sys.stderr)
+
+    def log(self, step: int, split: str, metrics: dict) -> None:
+        if not self.main:
+            return
+        row = {"step": step, "split": split, "time": round(time.time(), 3), **metrics}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"{split}/{k}", v, step)
+        if self.bar is not None and split == "train":
+            self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
+                                 acc=f"{metrics.get('rewards/accuracies', float('nan')):.2f}", refresh=False)
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()

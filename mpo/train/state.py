@@ -1,0 +1,75 @@
+"""Nested training state (optimizer, scheduler, RNG) <-> safetensors + JSON, never pickle.
+
+`split_state` walks dicts, lists, tuples, tensors and scalars: tensors go to a flat
+{path: tensor} dict for safetensors, the structure (with int dict keys, tuples and non-finite
+floats preserved) to JSON. An object it cannot serialise (DeepSpeed's loss scaler) is recorded by
+type only and, on load, taken from the live state at the same path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+
+def split_state(obj, tensors: dict, path: str = "s"):
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().cpu().contiguous().clone()  # clone: no storage shared across entries
+        return {"__tensor__": path}
+    if isinstance(obj, dict):
+        return {"__dict__": [[k, split_state(v, tensors, f"{path}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        items = [split_state(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return {"__float__": repr(obj)}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return {"__object__": type(obj).__name__}
+
+
+def join_state(tree, tensors: dict, live=None):
+    if isinstance(tree, list):
+        return [join_state(v, tensors, _at(live, i)) for i, v in enumerate(tree)]
+    if not isinstance(tree, dict):
+        return tree
+    if "__tensor__" in tree:
+        return tensors[tree["__tensor__"]]
+    if "__dict__" in tree:
+        return {k: join_state(v, tensors, _at(live, k)) for k, v in tree["__dict__"]}
+    if "__tuple__" in tree:
+        return tuple(join_state(v, tensors, _at(live, i)) for i, v in enumerate(tree["__tuple__"]))
+    if "__float__" in tree:
+        return float(tree["__float__"])
+    if "__object__" in tree:
+        if live is None:
+            raise ValueError(f"checkpoint holds a {tree['__object__']} object that cannot be restored")
+        return live
+    raise ValueError(f"unreadable checkpoint state entry {tree!r:.80}")
+
+
+def _at(live, key):
+    try:
+        return live[key] if live is not None else None
+    except (KeyError, IndexError, TypeError):
+        return None
+
+
+def save_state(obj, stem: Path) -> None:
+    """Write stem.safetensors (tensors) and stem.json (structure)."""
+    from safetensors.torch import save_file
+
+    tensors: dict = {}
+    tree = split_state(obj, tensors)
+    save_file(tensors, str(stem.with_suffix(".safetensors")))
+    stem.with_suffix(".json").write_text(json.dumps(tree))
+
+
+def load_state(stem: Path, live=None):
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(stem.with_suffix(".safetensors")))
+    return join_state(json.loads(stem.with_suffix(".json").read_text()), tensors, live)

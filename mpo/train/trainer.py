@@ -1,0 +1,274 @@
+"""The MPO training loop on DeepSpeed.
+
+One optimizer step = `global_batch_pairs` pairs, packed into rows and dealt to ranks; every rank
+runs the same number of micro-batches (blank rows pad the short ones: ZeRO gathers parameters
+collectively). Each micro-batch's loss is its share of the step's loss, normalised by the step's
+global pair and chosen-token counts, and multiplied by the world size because DeepSpeed averages
+gradients over ranks: the loss and its gradient do not depend on how a step is split.
+
+The reward shift is folded in once per optimizer step, with the step's mean reward over all its
+pairs; the step itself uses the shift of the steps before it. (The MPO authors' code folds in each
+micro-batch's mean before using it, which makes the loss depend on the micro-batch split; a
+split-invariant loss needs the one-step lag.)
+
+A step is skipped, counted and never applied when a loss on any rank (checked, all ranks agreeing,
+before each backward) or the gradient norm (DeepSpeed's check) is not finite; too many in a row stop
+the run.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mpo.data.pipeline import PackingOptions
+from mpo.data.records import Rejects
+from mpo.data.render import Renderer
+from mpo.train import checkpoint
+from mpo.train.config import Config, dump
+from mpo.train.data import PairSet, TrainPlan, blank_row
+from mpo.train.distributed import Dist, all_gather_objects, all_sum, barrier, init
+from mpo.train.engine import build, deepspeed_config, train_dtype
+from mpo.train.metrics import MetricsLog, peak_flops, peak_memory_gb
+from mpo.train.reference import ReferenceModel, build_cache, cache_key, load_cache
+
+# Accumulated per micro-batch as sums, then divided by the step's pair count (MEANS) or not (loss/sft).
+MEANS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+         "logps/rejected")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """train=False sets up the data and reference caches only (`mpo ref-logps`)."""
+
+    def __init__(self, cfg: Config, output_dir: str | Path, *, resume: bool = False, train: bool = True):
+        self.cfg, self.run_dir, self.resume = cfg, Path(output_dir), resume
+        self.dist: Dist = init(cfg.train.device)
+        seed_everything(cfg.train.seed + self.dist.rank)
+        found = checkpoint.checkpoints(self.run_dir) if self.run_dir.exists() else []
+        if train and found and not resume:
+            raise ValueError(f"{self.run_dir} already holds checkpoints; pass --resume to continue that run "
+                             "or choose another --output-dir")
+        if resume and not found:
+            raise ValueError(f"--resume: no checkpoint-<step> folder in {self.run_dir}")
+        if self.dist.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if train:
+                dump(cfg, self.run_dir / "config.yaml")
+        barrier()
+        self.renderer = Renderer(cfg.model.path, max_patches=cfg.data.max_patches)
+        self.packing = PackingOptions(cfg.data.packing, cfg.train.max_tokens_per_row, cfg.data.overlong)
+        name = "rejects.jsonl" if self.dist.world == 1 else f"rejects.rank{self.dist.rank}.jsonl"
+        self.rejects = Rejects(self.run_dir / name, strict=cfg.data.strict)
+        self.train_pairs = PairSet(cfg.data.train, self.renderer, self.packing, self.rejects, self.dist)
+        self.eval_pairs = (PairSet(cfg.data.eval, self.renderer, self.packing, self.rejects, self.dist)
+                           if cfg.data.eval else None)
+        self.plan = TrainPlan(self.train_pairs, seed=cfg.train.seed, global_batch_pairs=cfg.train.global_batch_pairs,
+                              window=cfg.data.shuffle_window)
+        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.plan.steps_per_epoch
+        self.dtype = train_dtype(cfg, self.dist)
+        self.online, self.ref = None, {}
+        self._prepare_reference()
+        if train:
+            self.engine, self.scheduler, _ = build(cfg, self.dist, self.total_steps)
+            self.flops_per_token = 6 * sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
+
+    # --- reference log-probs ------------------------------------------------------------------------------
+
+    def cache_path(self, split: str) -> Path:
+        base = Path(self.cfg.loss.reference_cache) if self.cfg.loss.reference_cache else \
+            self.run_dir / "reference_logps.safetensors"
+        return base if split == "train" else base.with_name(base.stem + ".eval" + base.suffix)
+
+    def _reference_model(self) -> ReferenceModel:
+        return ReferenceModel(self.cfg.loss.reference_model or self.cfg.model.path, dtype=self.dtype,
+                              dist=self.dist, zero_stage=self.cfg.deepspeed.zero_stage,
+                              attention=self.cfg.model.attention,
+                              ds_config=deepspeed_config(self.cfg, self.dtype), impl=self.cfg.loss.impl)
+
+    def _prepare_reference(self) -> None:
+        """Cache mode: build missing caches (reference model loaded only for that), load and check
+        them. Online mode: keep a frozen reference model for every micro-batch."""
+        splits = {"train": self.train_pairs, **({"eval": self.eval_pairs} if self.eval_pairs else {})}
+        if set(self.cfg.loss.types) == {"sft"}:
+            return  # no pair loss: the reference log-probs are never used (zeros stand in)
+        if self.cfg.loss.reference == "online":
+            self.online = self._reference_model()
+            return
+        rendering = {"packing": self.packing.layout, "max_tokens": self.packing.max_tokens,
+                     "overlong": self.packing.overlong, "max_patches": self.cfg.data.max_patches}
+        model_path = self.cfg.loss.reference_model or self.cfg.model.path
+        reference = None
+        for split, pairs in splits.items():
+            key = all_gather_objects(cache_key(model_path, pairs.path, rendering) if self.dist.main else None)[0]
+            path = self.cache_path(split)
+            if not path.is_file():
+                reference = reference or self._reference_model()
+                build_cache(pairs, reference, key, path, self.dist, self.dtype)
+            self.ref[split] = load_cache(path, key, pairs)
+        del reference
+
+    def reference_sums(self, split: str, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.online is not None:
+            sums, _ = self.online.sums(batch)
+            return sums[0::2], sums[1::2]
+        if split not in self.ref:  # an SFT-only run
+            zeros = torch.zeros(batch.num_pairs, device=self.dist.device)
+            return zeros, zeros
+        chosen, rejected = self.ref[split]
+        index = batch.pair_index.cpu()
+        return chosen[index].to(self.dist.device), rejected[index].to(self.dist.device)
+
+    # --- steps --------------------------------------------------------------------------------------------
+
+    def _micro_batches(self, pairs: PairSet, dealt: list[list[list[int]]]):
+        mine = dealt[self.dist.rank]
+        for k in range(max(len(rows) for rows in dealt)):
+            yield (pairs.pack(mine[k]) if k < len(mine) else blank_row()).to(self.dist.device, self.dtype)
+
+    def _accumulate(self, acc: dict, metrics: dict, pairs: int) -> None:
+        for name, value in metrics.items():
+            if name.startswith("loss/") and name != "loss/sft":
+                acc[name] = acc.get(name, 0.0) + value.item() * pairs
+            elif name in MEANS:
+                acc[name] = acc.get(name, 0.0) + value.item() * pairs
+            elif name == "loss/sft":
+                acc[name] = acc.get(name, 0.0) + value.item()
+
+    def _global(self, acc: dict, names: list[str], pair_count: int) -> dict:
+        totals = dict(zip(names, all_sum([acc.get(n, 0.0) for n in names], self.dist.device)))
+        return {n: (v / pair_count if n in MEANS or (n.startswith("loss/") and n != "loss/sft") else v)
+                for n, v in totals.items()}
+
+    def metric_names(self) -> list[str]:
+        return ["loss", *(f"loss/{t}" for t in self.cfg.loss.types), *MEANS, "row_tokens"]
+
+    def train_step(self, step: int) -> dict:
+        start = time.perf_counter()
+        pairs, dealt = self.plan.rows(step, self.dist.world)
+        pair_count, tokens = len(pairs), self.train_pairs.chosen_tokens(pairs)
+        shift = self.engine.module.criterion.reward_shift
+        delta = shift.value
+        acc, bad, rounds = {}, False, max(len(rows) for rows in dealt)
+        self.engine.train()
+        for k, batch in enumerate(self._micro_batches(self.train_pairs, dealt)):
+            ref_c, ref_r = self.reference_sums("train", batch)
+            self.engine.set_gradient_accumulation_boundary(k == rounds - 1)
+            loss, metrics = self.engine(batch, ref_c, ref_r, pair_count=pair_count, chosen_token_count=tokens,
+                                        scale=self.dist.world)
+            finite = torch.tensor([1.0 if torch.isfinite(loss).item() else 0.0], device=self.dist.device)
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+            if finite.item() and not bad:
+                self.engine.backward(loss, scale_wrt_gas=False)
+            bad |= not finite.item()
+            acc["loss"] = acc.get("loss", 0.0) + loss.item() / self.dist.world
+            acc["row_tokens"] = acc.get("row_tokens", 0.0) + batch.num_tokens * (batch.num_pairs > 0)
+            self._accumulate(acc, metrics, batch.num_pairs)
+        if bad:
+            self.engine.optimizer.zero_grad()
+            applied = False
+        else:
+            self.engine.step()
+            applied = self.engine.was_step_applied()
+        out = self._global(acc, self.metric_names(), pair_count)
+        if applied and "bco_pair" in self.cfg.loss.types:
+            mean_reward = (out["rewards/chosen"] + out["rewards/rejected"]) / 2
+            shift.update(torch.tensor([mean_reward], device=self.dist.device))
+        seconds = time.perf_counter() - start
+        out.update({"reward_shift": delta, "lr": self.scheduler.get_last_lr()[0], "pairs": pair_count,
+                    "pairs/s": pair_count / seconds, "tokens/s/gpu": out["row_tokens"] / seconds / self.dist.world,
+                    "peak_memory_gb": peak_memory_gb(self.dist.device), "step_applied": applied})
+        peak = peak_flops(self.dist.device)
+        if peak:
+            out["mfu"] = self.flops_per_token * out["row_tokens"] / seconds / (peak * self.dist.world)
+        return out
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        pairs = self.eval_pairs
+        dealt = pairs.deal(pairs.data_order_rows(), self.dist.world)
+        pair_count, tokens = len(pairs.valid), pairs.chosen_tokens(pairs.valid)
+        acc = {}
+        self.engine.eval()
+        for batch in self._micro_batches(pairs, dealt):
+            ref_c, ref_r = self.reference_sums("eval", batch)
+            loss, metrics = self.engine(batch, ref_c, ref_r, pair_count=pair_count, chosen_token_count=tokens)
+            acc["loss"] = acc.get("loss", 0.0) + loss.item()
+            self._accumulate(acc, metrics, batch.num_pairs)
+        self.engine.train()
+        out = self._global(acc, self.metric_names()[:-1], pair_count)
+        return {**out, "pairs": pair_count}
+
+    # --- the run ------------------------------------------------------------------------------------------
+
+    def _state(self, step: int, skipped: int, consecutive: int) -> dict:
+        return {"step": step, "skipped_steps": skipped, "consecutive_skipped": consecutive,
+                "world_size": self.dist.world, "scheduler": self.scheduler.state_dict(),
+                "reward_shift": self.engine.module.criterion.reward_shift.state_dict()}
+
+    def run(self) -> dict:
+        cfg, dist = self.cfg, self.dist
+        step, skipped, consecutive = 0, 0, 0
+        if self.resume:
+            state = checkpoint.load(self.engine, checkpoint.checkpoints(self.run_dir)[-1], dist,
+                                    zero_stage=cfg.deepspeed.zero_stage)
+            step, skipped, consecutive = state["step"], state["skipped_steps"], state["consecutive_skipped"]
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.engine.module.criterion.reward_shift.load_state_dict(state["reward_shift"])
+        log = MetricsLog(self.run_dir, main=dist.main, total_steps=self.total_steps, start_step=step,
+                         tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
+        summary = {"run_dir": str(self.run_dir), "steps": self.total_steps, "train_pairs": len(self.train_pairs.valid),
+                   "rejected": self.train_pairs.rejected}
+        if self.eval_pairs is not None and not self.resume:
+            summary["eval_before"] = self.evaluate()
+            log.log(step, "eval", summary["eval_before"])
+        try:
+            while step < self.total_steps:
+                metrics = self.train_step(step)
+                step += 1
+                if metrics["step_applied"]:
+                    consecutive = 0
+                else:
+                    skipped, consecutive = skipped + 1, consecutive + 1
+                    if consecutive >= cfg.optim.max_skipped_steps:
+                        raise RuntimeError(f"{consecutive} consecutive steps had a non-finite loss or gradient "
+                                           f"(last: step {step}); stopping. Lower optim.lr or check the data.")
+                if step % cfg.logging.every_steps == 0 or step == self.total_steps:
+                    log.log(step, "train", {**metrics, "skipped_steps": skipped})
+                log.advance()
+                if self.eval_pairs is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0 \
+                        and step < self.total_steps:
+                    log.log(step, "eval", self.evaluate())
+                if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < self.total_steps:
+                    checkpoint.save(self.engine, self.run_dir, step, self._state(step, skipped, consecutive), dist,
+                                    zero_stage=cfg.deepspeed.zero_stage, keep_last=cfg.checkpoint.keep_last)
+            if self.eval_pairs is not None:
+                summary["eval_after"] = self.evaluate()
+                log.log(step, "eval", summary["eval_after"])
+        finally:
+            log.close()
+            self.rejects.close()
+        checkpoint.save(self.engine, self.run_dir, step, self._state(step, skipped, consecutive), dist,
+                        zero_stage=cfg.deepspeed.zero_stage, keep_last=cfg.checkpoint.keep_last)
+        if cfg.checkpoint.export_final:
+            summary["final"] = str(checkpoint.export_final(self.engine, Path(cfg.model.path), self.run_dir, dist,
+                                                           zero_stage=cfg.deepspeed.zero_stage))
+        summary["skipped_steps"] = skipped
+        return summary
+
+
+def reference_caches(cfg: Config) -> dict[str, Path]:
+    """Build (when missing) and check the reference caches of a config: {split: path}."""
+    if cfg.loss.reference != "cache":
+        raise ValueError("loss.reference is 'online': there is no reference cache to build")
+    setup = Trainer(cfg, cfg.train.output_dir, train=False)
+    return {split: setup.cache_path(split) for split in setup.ref}
