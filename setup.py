@@ -70,6 +70,7 @@ setup(
         "pyyaml",
         "tqdm",
         "deepspeed>=0.16",
+        "accelerate>=1.1",  # transformers' DeepSpeed integration (HfDeepSpeedConfig)
     ],
     extras_require={
         # Parquet files and saved `datasets` folders as preference data.

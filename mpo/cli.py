@@ -251,7 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # overrides may also follow options (`mpo train C.yaml --output-dir D a.b=1`)
+    overrides = [x for x in extra if "=" in x and not x.startswith("-")]
+    if hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *overrides]
+        extra = [x for x in extra if x not in overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "handler", None) is None:
         parser.print_help(sys.stderr)
         return 2

@@ -7,9 +7,7 @@ submodule and registers the weight (and bias) as that submodule's external param
 then gathers them for the loss's forward and again for its backward, which recomputes the logit
 tiles. Tied embeddings need nothing more: the shared Parameter is simply gathered for both uses.
 
-Vision-language models run their vision tower on every row: a row without images feeds it one
-blank tile and adds 0 x the features to the loss. Under ZeRO-3 each module's forward gathers its
-parameters collectively, so a rank that skipped the vision tower while another ran it would hang.
+Vision-language models run their vision tower on every row, first (see `packed_hidden_states`).
 """
 
 from __future__ import annotations
@@ -17,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from mpo.data.packing import PackedBatch
-from mpo.models.loading import is_vision_language, lm_head, packed_hidden_states
+from mpo.models.loading import lm_head, packed_hidden_states
 from mpo.mpo_loss import MPOLoss
 
 
@@ -40,7 +38,6 @@ class PolicyWithLoss(torch.nn.Module):
         self.model = model
         self.loss_head = _LossHead(criterion)
         self.attention = attention
-        self.vision = is_vision_language(model.config)
         if zero3:
             import deepspeed
 
@@ -59,12 +56,4 @@ class PolicyWithLoss(torch.nn.Module):
         head = lm_head(self.model)
         loss, metrics = self.loss_head(hidden, head.weight, head.bias, batch.labels[0], batch.seq_ids[0],
                                        ref_chosen, ref_rejected, pair_count, chosen_token_count)
-        if self.vision and batch.pixel_values is None:
-            loss = loss + 0.0 * self._blank_tile_features(hidden)
         return loss * scale, metrics
-
-    def _blank_tile_features(self, like: torch.Tensor) -> torch.Tensor:
-        size = self.model.config.vision_config.image_size
-        h, w = (size, size) if isinstance(size, int) else size
-        blank = torch.zeros(1, 3, h, w, dtype=self.model.dtype, device=like.device)
-        return self.model.model.get_image_features(pixel_values=blank).pooler_output.float().sum()

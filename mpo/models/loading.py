@@ -9,11 +9,12 @@ build a cache for a packed row, and a cache makes no sense for a whole-row forwa
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
-from mpo.data.packing import PackedBatch
+from mpo.data.packing import SHARED, PackedBatch
 from mpo.logprobs import linear_sequence_logps
 from mpo.models.packed_attention import PackingInfo, register
 
@@ -58,15 +59,50 @@ def logit_softcap(model) -> float | None:
 
 
 def packed_hidden_states(model, batch: PackedBatch, *, backend: str = "auto") -> torch.Tensor:
-    """Final hidden states [L, D] of one packed row."""
+    """Final hidden states [L, D] of one packed row.
+
+    A vision-language model runs its vision tower on every row: a row without images gets one
+    blank tile as an extra document at its end (its tokens attend only to each other and carry no
+    targets), and only the row's own positions are returned. Under ZeRO-3 every module gathers its
+    parameters collectively in forward and backward, so all ranks must run the same modules in the
+    same order, whatever images their rows hold; the blank document keeps the model's own code path.
+    """
     backbone = getattr(model, "model", None)
     if backbone is None:
         raise ValueError(f"{type(model).__name__} has no `.model` backbone")
+    length = batch.num_tokens
+    if batch.pixel_values is None and is_vision_language(model.config):
+        batch = _with_blank_image(model.config, batch)
     kwargs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
                   packing=PackingInfo.of(batch, backend))
     if batch.pixel_values is not None:
         kwargs["pixel_values"] = batch.pixel_values.to(model.dtype)
-    return backbone(**kwargs).last_hidden_state[0]
+    return backbone(**kwargs).last_hidden_state[0, :length]
+
+
+def _with_blank_image(config, batch: PackedBatch) -> PackedBatch:
+    vision = config.vision_config
+    size = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
+    patch = vision.patch_size if isinstance(vision.patch_size, int) else vision.patch_size[0]
+    tokens = getattr(config, "image_seq_length", None) or int((size // patch) ** 2 * config.downsample_ratio ** 2)
+    device = batch.input_ids.device
+
+    def extend(t, values):
+        return torch.cat([t, values.to(device=device, dtype=t.dtype).view(1, -1)], dim=1)
+
+    n = torch.full((tokens,), 1)
+    last = batch.cu_seqlens[-1:] + tokens
+    return dataclasses.replace(
+        batch,
+        input_ids=extend(batch.input_ids, n * config.image_token_id),
+        position_ids=extend(batch.position_ids, torch.arange(tokens)),
+        labels=extend(batch.labels, n * -100),
+        seq_ids=extend(batch.seq_ids, n * -1),
+        doc_ids=extend(batch.doc_ids, n * (len(batch.cu_seqlens) - 1)),
+        branch_ids=extend(batch.branch_ids, n * SHARED),
+        cu_seqlens=torch.cat([batch.cu_seqlens, last]),
+        pixel_values=torch.zeros(1, 3, size, size, device=device),
+    )
 
 
 def pair_logps(model, batch: PackedBatch, *, backend: str = "auto", impl: str = "auto"):

@@ -1,0 +1,208 @@
+"""The trainer end to end on the CPU (gloo), through the real `mpo train` command.
+
+Runs use the tiny InternVL model and the small demo set, the PyTorch kernel path (the interpreter
+would only slow them down; the kernels are tested elsewhere) and DeepSpeed.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+
+def env():
+    e = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return {**e, "PYTHONUNBUFFERED": "1"}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(path, tiny_models, demo_data, **sections):
+    cfg = {
+        "model": {"path": str(tiny_models["internvl"]), "dtype": "fp32"},
+        "data": {"train": str(demo_data / "meta.json"), "eval": str(demo_data / "meta_heldout.json")},
+        "loss": {"impl": "torch"},
+        "optim": {"lr": 1e-3, "warmup_ratio": 0.0},
+        "train": {"device": "cpu", "max_steps": 4, "global_batch_pairs": 8, "max_tokens_per_row": 512},
+        "deepspeed": {"zero_stage": 3},
+        "logging": {"progress": False, "tensorboard": False},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def mpo(*args, ranks=1, check=True, timeout=900):
+    launcher = [sys.executable, "-m", "mpo"] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}", f"--master-port={free_port()}",
+        "-m", "mpo"]
+    proc = subprocess.run([*launcher, *map(str, args)], capture_output=True, text=True, env=env(), timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def rows(run_dir, split="train"):
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
+
+
+def test_two_ranks_match_one_rank_under_zero3(tmp_path, tiny_models, demo_data):
+    """Same global batch: the same losses step for step (ZeRO-3, gloo), whatever the split."""
+    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data)
+    mpo("train", config, "--output-dir", tmp_path / "one", "checkpoint.export_final=false")
+    mpo("train", config, "--output-dir", tmp_path / "two", "checkpoint.export_final=false", ranks=2)
+    one, two = rows(tmp_path / "one"), rows(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two):
+        assert a["pairs"] == b["pairs"]
+        for key in ("loss", "loss/sigmoid", "loss/bco_pair", "loss/sft", "rewards/margins"):
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-6), (a["step"], key)
+        assert a["reward_shift"] == pytest.approx(b["reward_shift"], rel=1e-3, abs=1e-7)
+    evals = rows(tmp_path / "one", "eval"), rows(tmp_path / "two", "eval")
+    assert evals[0][-1]["loss"] == pytest.approx(evals[1][-1]["loss"], rel=1e-3)
+
+
+@pytest.mark.parametrize("stage", [3, 0])
+def test_killed_and_resumed_run_ends_bit_identical(tmp_path, tiny_models, demo_data, stage):
+    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, train={"max_steps": 6},
+                          deepspeed={"zero_stage": stage}, checkpoint={"every_steps": 2, "keep_last": 3},
+                          data={"eval": ""})
+    mpo("train", config, "--output-dir", tmp_path / "whole")
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "mpo", "train", str(config), "--output-dir", str(run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env())
+    deadline = time.time() + 600
+    while not (run / "checkpoint-2").is_dir():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (run / "final").exists() and not (run / "checkpoint-6").exists()
+    mpo("train", config, "--output-dir", run, "--resume")
+    whole, resumed = load_file(str(tmp_path / "whole" / "final" / "model.safetensors")), \
+        load_file(str(run / "final" / "model.safetensors"))
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
+    trainer = json.loads((run / "checkpoint-6" / "trainer.json").read_text())
+    assert trainer["step"] == 6 and trainer["reward_shift"] == json.loads(
+        (tmp_path / "whole" / "checkpoint-6" / "trainer.json").read_text())["reward_shift"]
+
+
+def test_cached_and_online_reference_give_the_same_losses(tmp_path, tiny_models, demo_data):
+    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, deepspeed={"zero_stage": 3},
+                          checkpoint={"export_final": False})
+    mpo("train", config, "--output-dir", tmp_path / "cache")
+    mpo("train", config, "--output-dir", tmp_path / "online", "loss.reference=online")
+    assert (tmp_path / "cache" / "reference_logps.safetensors").is_file()
+    assert not (tmp_path / "online" / "reference_logps.safetensors").exists()
+    for a, b in zip(rows(tmp_path / "cache"), rows(tmp_path / "online")):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "loss/bco_pair"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+
+
+def test_final_export_loads_with_from_pretrained(tmp_path, tiny_models, demo_data):
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, train={"max_steps": 2})
+    mpo("train", config, "--output-dir", tmp_path / "run")
+    final = tmp_path / "run" / "final"
+    model = AutoModelForImageTextToText.from_pretrained(final)
+    tok = AutoTokenizer.from_pretrained(final)
+    assert tok.chat_template and (final / "processor_config.json").is_file()
+    original = AutoModelForImageTextToText.from_pretrained(tiny_models["internvl"])
+    changed = [n for (n, p), (_, q) in zip(model.named_parameters(), original.named_parameters()) if not torch.equal(p, q)]
+    assert changed, "training changed no weight"
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["train"]["max_steps"] == 2
+    assert {"step", "split", "loss", "rewards/accuracies", "reward_shift", "pairs/s", "tokens/s/gpu",
+            "peak_memory_gb", "lr"} <= set(rows(tmp_path / "run")[-1])
+
+
+NAN_DRIVER = """
+import json, sys, torch
+from mpo.models.fused_head import PolicyWithLoss
+from mpo.train.config import load_config
+from mpo.train.trainer import Trainer
+bad_steps = set(json.loads(sys.argv[3]))
+forward = PolicyWithLoss.forward
+state = {"step": 0}
+def poisoned(self, *a, **k):
+    loss, metrics = forward(self, *a, **k)
+    return (loss * float("nan") if state["step"] in bad_steps else loss), metrics
+PolicyWithLoss.forward = poisoned
+t = Trainer(load_config(sys.argv[1]), sys.argv[2])
+p = next(p for p in t.engine.module.parameters() if p.requires_grad and p.ndim == 2)
+out = []
+for step in range(4):
+    state["step"] = step
+    before = p.detach().clone()
+    m = t.train_step(step)
+    out.append([m["step_applied"], bool(torch.equal(before, p.detach()))])
+print(json.dumps(out))
+"""
+
+
+def test_non_finite_steps_are_skipped_not_applied(tmp_path, tiny_models, demo_data):
+    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, deepspeed={"zero_stage": 0},
+                          data={"eval": ""})
+    proc = subprocess.run([sys.executable, "-c", NAN_DRIVER, str(config), str(tmp_path / "run"), "[1, 2]"],
+                          capture_output=True, text=True, env=env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    steps = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert steps == [[True, False], [False, True], [False, True], [True, False]]
+
+
+def test_too_many_skipped_steps_stop_the_run(tmp_path, tiny_models, demo_data):
+    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, deepspeed={"zero_stage": 0},
+                          data={"eval": ""}, optim={"lr": 1e30, "max_skipped_steps": 2})
+    proc = mpo("train", config, "--output-dir", tmp_path / "run", check=False)
+    assert proc.returncode != 0 and "consecutive steps had a non-finite loss or gradient" in proc.stderr
+
+
+def test_clear_errors(tmp_path, tiny_models, demo_data):
+    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data)
+    proc = mpo("train", config, "train.typo=1", check=False)
+    assert proc.returncode == 1 and "unknown config key 'train.typo'" in proc.stderr
+    proc = mpo("train", config, f"model.path={tmp_path / 'no-model'}", "--output-dir", tmp_path / "r1", check=False)
+    assert proc.returncode == 1 and "model folder not found" in proc.stderr
+    # a reference cache made for other data is refused
+    cache = tmp_path / "ref.safetensors"
+    mpo("ref-logps", config, f"loss.reference_cache={cache}", "--output-dir", tmp_path / "r2")
+    assert cache.is_file()
+    changed = tmp_path / "data.jsonl"
+    lines = (demo_data / "annotations" / "count_train.jsonl").read_text().splitlines()
+    changed.write_text("\n".join(json.dumps({**json.loads(x), "image": str(demo_data / json.loads(x)["image"])})
+                                 for x in lines) + "\n")
+    proc = mpo("train", config, f"loss.reference_cache={cache}", f"data.train={changed}", "--output-dir",
+               tmp_path / "r3", check=False)
+    assert proc.returncode == 1 and "does not match this run: the data changed" in proc.stderr
+    proc = mpo("train", config, "--output-dir", tmp_path / "r4", "--resume", check=False)
+    assert proc.returncode == 1 and "no checkpoint" in proc.stderr
+
+
+def test_plot(tmp_path):
+    from mpo.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows_ = [{"step": s, "split": "train", "loss": 1 / s, "rewards/accuracies": s / 10, "lr": 1e-3} for s in range(1, 6)]
+    rows_.append({"step": 5, "split": "eval", "loss": 0.3, "rewards/accuracies": 0.7})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_))
+    assert main(["plot", str(run)]) == 0
+    assert (run / "metrics.png").stat().st_size > 1000
