@@ -24,3 +24,16 @@ def test_bench_loss_cpu_smoke(tmp_path):
     assert "max grad err" in by[("fwd_bwd", "mpo")]["note"] and "max grad err" in by[("fwd_bwd", "eager")]["note"]
     assert "WRONG" not in proc.stdout
     assert set(r["impl"] for r in rows) == {"mpo", "eager", "trl", "liger", "cce", "cce_exact", "cublas"}
+
+
+def test_bench_train_cpu_smoke(tmp_path):
+    """bench/bench_train.py --cpu: both mpo modes train and report (TRL is not a test dependency)."""
+    out = tmp_path / "train.csv"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), "--cpu", "--impls", "mpo,mpo-online",
+                           "--csv", str(out), "--work-dir", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    rows = {r["impl"]: r for r in csv.DictReader(out.open())}
+    assert set(rows) == {"mpo", "mpo-online"}
+    for r in rows.values():
+        assert float(r["pairs_per_s"]) > 0 and int(r["steps_timed"]) == 2 and r["preset"] == "tiny"
+    assert float(rows["mpo"]["ref_pass_s"]) > 0 and rows["mpo-online"]["ref_pass_s"] == ""

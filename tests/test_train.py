@@ -47,11 +47,15 @@ def write_config(path, tiny_models, demo_data, **sections):
     return path
 
 
-def mpo(*args, ranks=1, check=True, timeout=900):
-    launcher = [sys.executable, "-m", "mpo"] if ranks == 1 else [
+def launcher(ranks):
+    return [sys.executable, "-m", "mpo"] if ranks == 1 else [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}", f"--master-port={free_port()}",
         "-m", "mpo"]
-    proc = subprocess.run([*launcher, *map(str, args)], capture_output=True, text=True, env=env(), timeout=timeout)
+
+
+def mpo(*args, ranks=1, check=True, timeout=900):
+    proc = subprocess.run([*launcher(ranks), *map(str, args)], capture_output=True, text=True, env=env(),
+                          timeout=timeout)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
@@ -77,23 +81,27 @@ def test_two_ranks_match_one_rank_under_zero3(tmp_path, tiny_models, demo_data):
     assert evals[0][-1]["loss"] == pytest.approx(evals[1][-1]["loss"], rel=1e-3)
 
 
-@pytest.mark.parametrize("stage", [3, 0])
-def test_killed_and_resumed_run_ends_bit_identical(tmp_path, tiny_models, demo_data, stage):
+@pytest.mark.parametrize("stage,ranks", [(3, 2), (0, 1)])
+def test_killed_and_resumed_run_ends_bit_identical(tmp_path, tiny_models, demo_data, stage, ranks):
     config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, train={"max_steps": 6},
                           deepspeed={"zero_stage": stage}, checkpoint={"every_steps": 2, "keep_last": 3},
                           data={"eval": ""})
-    mpo("train", config, "--output-dir", tmp_path / "whole")
+    mpo("train", config, "--output-dir", tmp_path / "whole", ranks=ranks)
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "mpo", "train", str(config), "--output-dir", str(run)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env())
+    # a session of its own, so SIGKILL reaches every rank (and the launcher) at once
+    proc = subprocess.Popen([*launcher(ranks), "train", str(config), "--output-dir", str(run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), start_new_session=True)
     deadline = time.time() + 600
     while not (run / "checkpoint-2").is_dir():
         assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert not (run / "final").exists() and not (run / "checkpoint-6").exists()
-    mpo("train", config, "--output-dir", run, "--resume")
+    if ranks > 1:
+        assert {p.name for p in (run / "checkpoint-2").glob("optimizer.*")} == {
+            f"optimizer.rank{r}.{ext}" for r in range(ranks) for ext in ("json", "safetensors")}
+    mpo("train", config, "--output-dir", run, "--resume", ranks=ranks)
     whole, resumed = load_file(str(tmp_path / "whole" / "final" / "model.safetensors")), \
         load_file(str(run / "final" / "model.safetensors"))
     assert whole.keys() == resumed.keys()
@@ -206,3 +214,17 @@ def test_plot(tmp_path):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_))
     assert main(["plot", str(run)]) == 0
     assert (run / "metrics.png").stat().st_size > 1000
+
+
+def test_demo_learns(tmp_path):
+    """`mpo train` with no config: both demo stages, then held-out reward accuracy of at least 0.9."""
+    proc = subprocess.run([sys.executable, "-m", "mpo", "train", "--output-dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, env={**env(), "MPO_CACHE": str(tmp_path / "cache")},
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    evals = rows(tmp_path / "run", "eval")
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 400
+    assert evals[-1]["rewards/accuracies"] >= 0.9, evals[-1]
+    assert evals[-1]["rewards/accuracies"] > evals[0]["rewards/accuracies"]
+    assert "held-out reward accuracy" in proc.stdout and str(tmp_path / "run") in proc.stdout
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()

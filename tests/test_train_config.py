@@ -26,6 +26,10 @@ def test_yaml_then_overrides(tmp_path):
                              "data.max_patches=null"])
     assert cfg.train.max_steps == 9 and cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
     assert cfg.loss.types == ["sigmoid", "sft"] and cfg.data.max_patches is None
+    # YAML 1.1 reads 1e-6 as a string; a float field takes it as the number it is
+    assert load_config(path, ["optim.lr=1e-6", "loss.beta=2E-1"]).optim.lr == 1e-6
+    with pytest.raises(ValueError, match="optim.lr: expected float, got 'fast'"):
+        load_config(path, ["optim.lr=fast"])
 
 
 @pytest.mark.parametrize("item, match", [

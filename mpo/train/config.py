@@ -9,6 +9,7 @@ ValueError naming the key (and the file). `mpo train --help` prints every field 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -131,6 +132,9 @@ class Config:
         return dataclasses.asdict(self)
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(key: str, value, hint):
     """Check `value` against the field's type hint (ints are accepted for floats)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -145,6 +149,8 @@ def _coerce(key: str, value, hint):
         return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-6 (no dot) as a string
     if hint is str and value is None:
         return ""
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):

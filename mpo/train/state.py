@@ -64,12 +64,17 @@ def save_state(obj, stem: Path) -> None:
 
     tensors: dict = {}
     tree = split_state(obj, tensors)
-    save_file(tensors, str(stem.with_suffix(".safetensors")))
-    stem.with_suffix(".json").write_text(json.dumps(tree))
+    save_file(tensors, str(_file(stem, ".safetensors")))
+    _file(stem, ".json").write_text(json.dumps(tree))
 
 
 def load_state(stem: Path, live=None):
     from safetensors.torch import load_file
 
-    tensors = load_file(str(stem.with_suffix(".safetensors")))
-    return join_state(json.loads(stem.with_suffix(".json").read_text()), tensors, live)
+    tensors = load_file(str(_file(stem, ".safetensors")))
+    return join_state(json.loads(_file(stem, ".json").read_text()), tensors, live)
+
+
+def _file(stem: Path, suffix: str) -> Path:
+    # appended, not with_suffix: stems like "optimizer.rank1" carry a dot of their own
+    return stem.parent / (stem.name + suffix)

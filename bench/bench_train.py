@@ -1,0 +1,331 @@
+"""End-to-end training throughput: `mpo train` against TRL's DPOTrainer with MPO's loss.
+
+Both train the same randomly initialised InternVL-architecture model (built locally from a preset:
+no weights are downloaded) on the same pairs (the demo set, images included) with the same global
+batch of pairs per optimizer step and the MPO loss (sigmoid + bco_pair + sft, weights 0.8 / 0.2 /
+1.0, beta 0.1):
+  mpo         `mpo.train.Trainer`, reference log-probs from the cache (the cache pass is timed
+              separately and reported as `ref_pass_s`)
+  mpo-online  the same with a frozen reference engine run every step (`loss.reference=online`)
+  trl         trl.DPOTrainer with loss_type=["sigmoid","bco_pair","sft"], loss_weights=[0.8,0.2,1.0];
+              for vision data TRL refuses precompute_ref_log_probs, so it runs its reference model
+              every step, as its users must
+Each runs in its own process. The first `--warmup` steps are not timed. Reported: pairs/s per GPU
+(global batch / median step time), the speed-up over TRL, MFU (mpo's own accounting: 6 x
+parameters x row tokens + attention, over the GPU's dense bf16 peak), peak GPU memory. A table
+is printed and rows are appended to a long-format CSV.
+
+    python bench/bench_train.py                            # CUDA: InternVL2-1B-shaped model, bf16
+    python bench/bench_train.py --preset internvl2-2b --pairs 64 --steps 12
+    python bench/bench_train.py --cpu                      # tiny smoke run on the CPU
+On the CPU (`--cpu`) the model is the tiny one and TRL trains a text-only tiny Qwen2 (TRL's
+vision path needs torchvision's image ops); the smoke run checks the plumbing, not speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+IMPLS = ("mpo", "mpo-online", "trl")
+LOSS_TYPES, LOSS_WEIGHTS, BETA = ["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0], 0.1
+# Language-model and vision-tower shapes of the public InternVL2 models (random weights here).
+PRESETS = {
+    "internvl2-1b": dict(text=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                   num_attention_heads=14, num_key_value_heads=2, vocab_size=151655,
+                                   tie_word_embeddings=True),
+                         vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                     num_attention_heads=16, image_size=448, patch_size=14)),
+    "internvl2-2b": dict(text=dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                                   num_attention_heads=16, num_key_value_heads=8, vocab_size=92553,
+                                   tie_word_embeddings=False),
+                         vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                     num_attention_heads=16, image_size=448, patch_size=14)),
+}
+CSV_FIELDS = ("date", "impl", "preset", "pairs_per_step", "steps_timed", "step_s_p50", "pairs_per_s",
+              "speedup_vs_trl", "mfu", "peak_gb", "ref_pass_s", "device", "versions", "git_sha")
+
+
+# --- inputs ------------------------------------------------------------------------------------------------
+
+def build_model(out: Path, preset: str, arch: str = "internvl") -> Path:
+    """A model folder: the tiny model, or the tiny one's tokenizer/processor with a preset's shapes."""
+    from mpo.models.tiny import build_tiny_model
+
+    build_tiny_model(out, arch)
+    if preset == "tiny":
+        return out
+    from transformers import AutoConfig, InternVLForConditionalGeneration
+
+    shape = PRESETS[preset]
+    config = AutoConfig.from_pretrained(out)
+    for key, value in shape["text"].items():
+        setattr(config.text_config, key, value)
+    for key, value in shape["vision"].items():
+        setattr(config.vision_config, key, value)
+    config.tie_word_embeddings = shape["text"]["tie_word_embeddings"]
+    tile = shape["vision"]["image_size"]
+    config.image_seq_length = int((tile // shape["vision"]["patch_size"]) ** 2 * config.downsample_ratio ** 2)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = InternVLForConditionalGeneration(config).to(torch.bfloat16)
+    model.save_pretrained(out)
+    # the processor files follow the tile size and tokens per tile
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        path = out / name
+        cfg = json.loads(path.read_text())
+        image = cfg.get("image_processor", cfg)
+        image["size"] = {"height": tile, "width": tile}
+        if "video_processor" in cfg:
+            cfg["video_processor"]["size"] = {"height": tile, "width": tile}
+        if "image_seq_length" in cfg:
+            cfg["image_seq_length"] = config.image_seq_length
+        path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def trl_dataset(meta: str, limit: int):
+    """The same pairs as TRL conversational records (images as PIL, one {"type": "image"} each)."""
+    from datasets import Dataset
+    from PIL import Image
+
+    from mpo.data.formats import read_pairs
+    from mpo.data.records import IMAGE_TOKEN, Rejects
+
+    rows = []
+    for pair in read_pairs(meta, Rejects()):
+        (message,) = [m for m in pair.prompt if m["role"] == "user"]
+        parts = message["content"].split(IMAGE_TOKEN)
+        content = [{"type": "text", "text": parts[0]}]
+        for text in parts[1:]:
+            content += [{"type": "image"}, {"type": "text", "text": text}]
+        content = [c for c in content if c["type"] == "image" or c["text"]]
+        row = {"prompt": [{"role": "user", "content": content}],
+               "chosen": [{"role": "assistant", "content": [{"type": "text", "text": pair.chosen}]}],
+               "rejected": [{"role": "assistant", "content": [{"type": "text", "text": pair.rejected}]}]}
+        if pair.images:
+            row["images"] = [Image.open(p).convert("RGB") for p in pair.images]
+        rows.append(row)
+        if len(rows) == limit:
+            break
+    return Dataset.from_list(rows)
+
+
+def text_only(meta: str, out: Path, limit: int) -> Path:
+    """The pairs without their images, as TRL-style JSONL (for the CPU smoke run's text model)."""
+    from mpo.data.formats import read_pairs
+    from mpo.data.records import IMAGE_TOKEN, Rejects
+
+    with out.open("w") as f:
+        for k, pair in enumerate(read_pairs(meta, Rejects())):
+            if k == limit:
+                break
+            prompt = [{**m, "content": m["content"].replace(IMAGE_TOKEN, "").strip()} for m in pair.prompt]
+            f.write(json.dumps({"prompt": prompt, "chosen": pair.chosen, "rejected": pair.rejected}) + "\n")
+    return out
+
+
+# --- workers (one process each) ----------------------------------------------------------------------------
+
+def worker_mpo(a) -> dict:
+    from mpo.train.config import load_config
+    from mpo.train.trainer import Trainer, reference_caches
+
+    online = a.impl == "mpo-online"
+    cfg = load_config(None, [
+        f"model.path={a.model}", f"data.train={a.data}", f"train.output_dir={a.out}",
+        f"train.max_steps={a.steps}", f"train.global_batch_pairs={a.pairs}",
+        f"train.max_tokens_per_row={a.row_tokens}", f"deepspeed.zero_stage={a.zero_stage}",
+        f"model.gradient_checkpointing={a.grad_ckpt}", f"model.dtype={'fp32' if a.cpu else 'bf16'}",
+        f"train.device={'cpu' if a.cpu else 'cuda'}", f"loss.reference={'online' if online else 'cache'}",
+        f"loss.impl={'torch' if a.cpu else 'auto'}", "optim.lr=1e-6", "optim.warmup_ratio=0",
+        "checkpoint.export_final=false", "logging.progress=false", "logging.tensorboard=false"])
+    ref_s = None
+    if not online:
+        start = time.perf_counter()
+        reference_caches(cfg)
+        ref_s = time.perf_counter() - start
+    trainer = Trainer(cfg, cfg.train.output_dir)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.run()
+    rows = [json.loads(x) for x in (Path(a.out) / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["split"] == "train" and r["step"] > a.warmup]
+    step_s = [r["pairs"] / r["pairs/s"] for r in rows]
+    return {"step_s": step_s, "pairs": [r["pairs"] for r in rows], "ref_pass_s": ref_s,
+            "mfu": statistics.median(r["mfu"] for r in rows) if rows and "mfu" in rows[0] else None,
+            "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
+
+
+def worker_trl(a) -> dict:
+    from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer,
+                              TrainerCallback)
+    from trl import DPOConfig, DPOTrainer
+
+    dtype = torch.float32 if a.cpu else torch.bfloat16
+    if a.text_model:
+        model = AutoModelForCausalLM.from_pretrained(a.text_model, dtype=dtype)
+        processing = AutoTokenizer.from_pretrained(a.text_model)
+        from datasets import load_dataset
+        data = load_dataset("json", data_files=str(a.text_data), split="train")
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(a.model, dtype=dtype)
+        processing = AutoProcessor.from_pretrained(a.model)
+        data = trl_dataset(a.data, a.pairs * a.steps)
+    micro = min(a.trl_micro_pairs, a.pairs)
+    if a.pairs % micro:
+        raise ValueError(f"--pairs ({a.pairs}) must be a multiple of --trl-micro-pairs ({micro})")
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.start)
+
+    args = DPOConfig(
+        output_dir=a.out, max_steps=a.steps, per_device_train_batch_size=micro,
+        gradient_accumulation_steps=a.pairs // micro, learning_rate=1e-6, lr_scheduler_type="constant",
+        beta=BETA, loss_type=LOSS_TYPES, loss_weights=LOSS_WEIGHTS, bf16=not a.cpu, use_cpu=a.cpu,
+        gradient_checkpointing=a.grad_ckpt, max_length=a.row_tokens, logging_steps=1, save_strategy="no",
+        report_to=[], seed=0, dataloader_num_workers=0 if a.cpu else 4)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=processing,
+                         callbacks=[Clock()])
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    step_s = times[a.warmup:]
+    return {"step_s": step_s, "pairs": [a.pairs] * len(step_s), "ref_pass_s": None, "mfu": None,
+            "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
+
+
+# --- driver ------------------------------------------------------------------------------------------------
+
+def versions() -> str:
+    names = ("torch", "triton", "transformers", "deepspeed", "trl")
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return ", ".join(found)
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        return ""
+
+
+def run_worker(impl: str, a, model: Path, data: Path, root: Path, text_model=None, text_data=None) -> dict:
+    cmd = [sys.executable, __file__, "--worker", impl, "--model", str(model), "--data", str(data),
+           "--out", str(root / impl), "--pairs", str(a.pairs), "--steps", str(a.steps), "--warmup", str(a.warmup),
+           "--row-tokens", str(a.row_tokens), "--zero-stage", str(a.zero_stage),
+           "--trl-micro-pairs", str(a.trl_micro_pairs), *(["--grad-ckpt"] if a.grad_ckpt else []),
+           *(["--cpu"] if a.cpu else [])]
+    if text_model:
+        cmd += ["--text-model", str(text_model), "--text-data", str(text_data)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="internvl2-1b", choices=["tiny", *PRESETS])
+    p.add_argument("--impls", default=",".join(IMPLS))
+    p.add_argument("--pairs", type=int, default=32, help="pairs per optimizer step (global batch)")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2, help="first steps not timed")
+    p.add_argument("--row-tokens", type=int, default=16384, help="mpo: tokens per packed row; TRL: max_length")
+    p.add_argument("--trl-micro-pairs", type=int, default=4, help="TRL: pairs per micro-batch")
+    p.add_argument("--zero-stage", type=int, default=0)
+    p.add_argument("--grad-ckpt", action="store_true")
+    p.add_argument("--cpu", action="store_true", help="tiny smoke run on the CPU")
+    p.add_argument("--csv", default=str(Path(__file__).with_name("results_train.csv")))
+    p.add_argument("--work-dir", help="where models, data and runs go (default: a temporary folder)")
+    # worker mode (internal)
+    p.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
+    for name in ("--model", "--data", "--out", "--text-model", "--text-data"):
+        p.add_argument(name, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        a.impl = a.worker
+        result = worker_trl(a) if a.worker == "trl" else worker_mpo(a)
+        print(json.dumps(result))
+        return 0
+    if a.cpu:
+        a.preset, a.pairs, a.steps, a.warmup, a.row_tokens, a.trl_micro_pairs = "tiny", 4, 3, 1, 1024, 2
+    elif not torch.cuda.is_available():
+        p.error("no CUDA device: run with --cpu for the smoke run")
+    impls = a.impls.split(",")
+    with tempfile.TemporaryDirectory(dir=a.work_dir) as tmp:
+        root = Path(tmp)
+        from mpo.data.demo import write_demo_data
+
+        data = write_demo_data(root / "data", train=max(a.pairs * a.steps, 8), heldout=8) / "meta.json"
+        model = build_model(root / "model", a.preset)
+        text_model = text_data = None
+        if a.cpu and "trl" in impls:
+            text_model = build_model(root / "text-model", "tiny", arch="qwen2")
+            text_data = text_only(str(data), root / "text.jsonl", a.pairs * a.steps)
+        results = {impl: run_worker(impl, a, model, data, root, text_model, text_data) for impl in impls}
+    device = "cpu: " + platform.processor() if a.cpu else torch.cuda.get_device_name()
+    trl_rate = None
+    if "step_s" in results.get("trl", {}) and results["trl"]["step_s"]:
+        trl_rate = a.pairs / statistics.median(results["trl"]["step_s"])
+    date, vers, sha = datetime.date.today().isoformat(), versions(), git_sha()
+    rows = []
+    for impl, r in results.items():
+        if "error" in r:
+            print(f"{impl}: FAILED: {r['error']}")
+            continue
+        p50 = statistics.median(r["step_s"])
+        rate = a.pairs / p50
+        rows.append({"date": date, "impl": impl, "preset": a.preset, "pairs_per_step": a.pairs,
+                     "steps_timed": len(r["step_s"]), "step_s_p50": round(p50, 4), "pairs_per_s": round(rate, 3),
+                     "speedup_vs_trl": round(rate / trl_rate, 2) if trl_rate else "",
+                     "mfu": round(r["mfu"], 4) if r["mfu"] is not None else "",
+                     "peak_gb": round(r["peak_gb"], 2) if r["peak_gb"] is not None else "",
+                     "ref_pass_s": round(r["ref_pass_s"], 2) if r["ref_pass_s"] is not None else "",
+                     "device": device, "versions": vers, "git_sha": sha})
+    header = ("impl", "pairs_per_s", "speedup_vs_trl", "mfu", "peak_gb", "step_s_p50", "ref_pass_s")
+    print(f"{a.preset}, {a.pairs} pairs per step, {device}")
+    print(" | ".join(header))
+    for row in rows:
+        print(" | ".join(str(row[h]) for h in header))
+    if rows:
+        new = not Path(a.csv).exists()
+        with open(a.csv, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+    return 0 if len(rows) == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
