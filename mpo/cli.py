@@ -170,6 +170,41 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pairs(args: argparse.Namespace) -> int:
+    from mpo.pairs.correctness import INSTRUCTION, correctness_process
+    from mpo.pairs.dropout_ntp import dropout_process
+    from mpo.pairs.generate import Sampler
+    from mpo.pairs.prompts import read_prompts
+    from mpo.pairs.run import Ranks, build
+
+    _quiet_transformers()
+    correctness = args.pairs_command == "correctness"
+    source = Path(args.prompts if correctness else args.data)
+    records = read_prompts(source, need="answer" if correctness else "chosen", image_root=args.image_root)
+    ranks = Ranks.init(args.device)
+    sampler = Sampler(args.model, device=ranks.device, max_new_tokens=args.max_new_tokens,
+                      batch_size=args.batch_size, max_patches=args.max_patches)
+    if correctness:
+        process = correctness_process(sampler, samples=args.samples, max_pairs=args.max_pairs,
+                                      instruction=INSTRUCTION if args.instruction is None else args.instruction,
+                                      temperature=args.temperature, format_negatives=args.format_negatives,
+                                      seed=args.seed)
+        chunk = max(1, args.batch_size // args.samples)
+    else:
+        if not 0 < args.ratio < 1:
+            raise ValueError(f"--ratio must be between 0 and 1, got {args.ratio}")
+        process = dropout_process(sampler, ratio=args.ratio, temperature=args.temperature, seed=args.seed)
+        chunk = args.batch_size
+    name = args.name or source.stem
+    counts = build(records, args.out, name=name, image_root=Path(args.image_root) if args.image_root else source.parent,
+                   ranks=ranks, process=process, chunk=chunk, desc=f"mpo pairs {args.pairs_command}",
+                   images=args.images)
+    if counts is not None:
+        print(" ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+        print(f"wrote {Path(args.out) / 'meta.json'} ({counts['pairs']} pairs)")
+    return 0
+
+
 def _add_packing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder (tokenizer, chat template, processor)")
     p.add_argument("--data", required=True, help="MMPR meta .json, .jsonl, .parquet or a saved datasets folder")
@@ -236,6 +271,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="run directory (with metrics.jsonl)")
     p.add_argument("--out", help="output PNG (default: RUN_DIR/metrics.png)")
     p.set_defaults(handler=_plot)
+
+    pairs = sub.add_parser("pairs", help="build preference pairs with a model (correctness, DropoutNTP)")
+    pairs_sub = pairs.add_subparsers(dest="pairs_command", metavar="SUBCOMMAND", required=True)
+    for name, help_text in (("correctness", "sample K responses per prompt, judge them against the ground truth, "
+                                            "pair correct with wrong"),
+                            ("dropout-ntp", "cut each chosen response and let the model continue it without "
+                                            "the image: the rejected response")):
+        p = pairs_sub.add_parser(name, help=help_text)
+        p.add_argument("--model", required=True, help="model folder that samples (the policy to be trained)")
+        if name == "correctness":
+            p.add_argument("--prompts", required=True, help="JSONL: question, answer (ground truth), image, id")
+            p.add_argument("--samples", type=int, default=32, help="responses sampled per prompt")
+            p.add_argument("--max-pairs", type=int, default=15, help="pairs kept per prompt (a seeded sample)")
+            p.add_argument("--instruction", help="appended to each question (default: finish with "
+                                                 "'Final answer: ...'); '' for none")
+            p.add_argument("--format-negatives", action="store_true",
+                           help="also use responses without 'Final answer:' as rejected")
+        else:
+            p.add_argument("--data", required=True, help="JSONL: question, chosen, image, id")
+            p.add_argument("--ratio", type=float, default=0.5, help="share of the chosen words kept as the prefix")
+        p.add_argument("--out", required=True, help="output folder (MMPR: meta.json, annotations/, images/)")
+        p.add_argument("--name", help="dataset name in meta.json (default: the input file's stem)")
+        p.add_argument("--image-root", help="folder relative image paths resolve against (default: the file's)")
+        p.add_argument("--images", choices=["link", "copy"], default="link",
+                       help="hard-link the images into OUT/images (copies across file systems) or copy them")
+        p.add_argument("--temperature", type=float, default=1.0)
+        p.add_argument("--max-new-tokens", type=int, default=512)
+        p.add_argument("--batch-size", type=int, default=32, help="sequences per generate call")
+        p.add_argument("--max-patches", type=int, help="image tiles per prompt (default: the processor's)")
+        p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+        p.add_argument("--seed", type=int, default=0)
+        p.set_defaults(handler=_pairs)
 
     data = sub.add_parser("data", help="check or measure preference data for a model")
     data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)

@@ -145,17 +145,9 @@ class Renderer:
         for token in self._control_tokens:
             if any(token in text for text in texts):
                 raise BadPair("bad_field", f"the text contains the control token {token!r}")
-        image_token = self.images.image_token if self.vision else IMAGE_TOKEN
-        messages = [{"role": m["role"], "content": m["content"].replace(IMAGE_TOKEN, image_token)}
-                    for m in pair.prompt]
+        messages = self._messages(pair.prompt)
         prompt_text = self._prompt_text(messages)
-        if pair.images:
-            images = [load_image(ref) for ref in pair.images]
-            max_patches = pair.max_patches if pair.max_patches is not None else self.max_patches
-            prompt_ids, pixel_values = self.images.encode(prompt_text, images, max_patches)
-        else:
-            prompt_ids = self.tokenizer(prompt_text, add_special_tokens=not self._templated)["input_ids"]
-            pixel_values = None
+        prompt_ids, pixel_values = self._encode_prompt(prompt_text, pair.images, pair.max_patches)
         if not prompt_ids:
             raise BadPair("bad_field", "the prompt renders to no tokens")
         chosen = self._response_ids(messages, prompt_text, pair.chosen)
@@ -163,6 +155,25 @@ class Renderer:
         if self.vision:
             self._check_image_slots(prompt_ids, chosen + rejected, pixel_values)
         return RenderedPair(prompt_ids, chosen, rejected, pixel_values, pair.source, index)
+
+    def prompt(self, messages: list[dict] | tuple[dict, ...], images=(), max_patches: int | None = None,
+               response_prefix: str = "") -> tuple[list[int], torch.Tensor | None]:
+        """Token ids (and pixel values) of a prompt with the generation prompt, for sampling; with
+        `response_prefix`, the assistant turn starts with that text (the model continues it)."""
+        text = self._prompt_text(self._messages(messages)) + response_prefix
+        return self._encode_prompt(text, images, max_patches)
+
+    def _messages(self, prompt) -> list[dict]:
+        image_token = self.images.image_token if self.vision else IMAGE_TOKEN
+        return [{"role": m["role"], "content": m["content"].replace(IMAGE_TOKEN, image_token)} for m in prompt]
+
+    def _encode_prompt(self, text: str, images, max_patches: int | None):
+        if images:
+            if not self.vision:
+                raise BadPair("no_vision", f"{len(images)} images")
+            loaded = [load_image(ref) for ref in images]
+            return self.images.encode(text, loaded, max_patches if max_patches is not None else self.max_patches)
+        return self.tokenizer(text, add_special_tokens=not self._templated)["input_ids"], None
 
     def _check_image_slots(self, prompt_ids, response_ids, pixel_values) -> None:
         """The model scatters one feature per image slot: a miscount would fail a whole batch."""

@@ -1,0 +1,76 @@
+"""Correctness pairs: sample K responses per prompt, judge them against the ground truth, pair.
+
+Every correct response is paired with every wrong one (distinct texts only), except where the
+wrong text contains the ground-truth answer as a token of its own ("7" in "... so 7 apples" but
+not in "17"): such a response may well reason correctly and slip at the end, and MMPR drops those
+pairs. Responses without the "Final answer:" trigger are format negatives: counted, and used as
+rejected responses only with `format_negatives=True`. At most `max_pairs` pairs per prompt, a
+seeded sample of all candidates (taking the first ones would favour the first correct response).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+
+from mpo.pairs.answers import extract_answer, is_correct
+from mpo.pairs.generate import Request, Sampler
+from mpo.pairs.prompts import PromptRecord
+
+INSTRUCTION = "Think step by step, then finish your response with a last line of the form \"Final answer: <answer>\"."
+
+
+def question_with_instruction(question: str, instruction: str) -> str:
+    return f"{question}\n{instruction}" if instruction else question
+
+
+def contains_answer(text: str, answer: str) -> bool:
+    return re.search(rf"(?<![\w.]){re.escape(answer.strip())}(?!\w|\.\d)", text, re.IGNORECASE) is not None
+
+
+def judge_and_pair(record: PromptRecord, responses: list[str], *, question: str, max_pairs: int,
+                   format_negatives: bool, seed: int) -> dict:
+    """One prompt's result: its pairs and per-reason counts."""
+    counts: Counter = Counter(prompts=1, responses=len(responses))
+    correct, wrong, unparsable = [], [], []
+    for text in responses:
+        answer = extract_answer(text)
+        if answer is None:
+            counts["unparsable"] += 1
+            unparsable.append(text)
+        elif is_correct(answer, record.answer):
+            counts["correct"] += 1
+            correct.append(text)
+        else:
+            counts["wrong"] += 1
+            wrong.append(text)
+    rejected_pool = list(dict.fromkeys(wrong + (unparsable if format_negatives else [])))
+    candidates = []
+    for chosen in dict.fromkeys(correct):
+        for rejected in rejected_pool:
+            if contains_answer(rejected, record.answer):
+                counts["skipped_contains_answer"] += 1
+            else:
+                candidates.append((chosen, rejected))
+    if len(candidates) > max_pairs:
+        candidates = random.Random(f"{seed}|{record.id}").sample(candidates, max_pairs)
+    if not candidates:
+        counts["no_pair_possible"] += 1
+    pairs = [{**record.extra, "id": record.id, "question": question, "chosen": c, "rejected": r,
+              "answer": record.answer, "image": [str(p) for p in record.images]} for c, r in candidates]
+    return {"id": record.id, "counts": dict(counts), "pairs": pairs}
+
+
+def correctness_process(sampler: Sampler, *, samples: int, max_pairs: int, instruction: str = INSTRUCTION,
+                        temperature: float = 1.0, format_negatives: bool = False, seed: int = 0):
+    """The per-chunk step of `mpo pairs correctness` (see `mpo.pairs.run.build`)."""
+    def process(chunk: list[PromptRecord]) -> list[dict]:
+        questions = {r.id: question_with_instruction(r.question, instruction) for r in chunk}
+        requests = [Request(f"{r.id}#{s}", ({"role": "user", "content": questions[r.id]},), r.images)
+                    for r in chunk for s in range(samples)]
+        texts = sampler.generate(requests, temperature=temperature, seed=seed)
+        return [judge_and_pair(r, texts[k * samples:(k + 1) * samples], question=questions[r.id],
+                               max_pairs=max_pairs, format_negatives=format_negatives, seed=seed)
+                for k, r in enumerate(chunk)]
+    return process

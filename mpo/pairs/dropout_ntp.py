@@ -1,0 +1,62 @@
+"""DropoutNTP pairs: the chosen response cut at a ratio of its words, continued without the image.
+
+The prefix keeps the chosen text exactly (its own spacing) up to the end of word
+floor(ratio x words); the model continues it as the start of its own answer, from the question
+with its image placeholders removed and no image; prefix + continuation is the rejected response.
+The paper found a ratio of 0.5 best (0.25 and 0.75 did worse). Prompts whose chosen response has
+fewer than two words cannot be cut (counted as too_short); an empty continuation, or one that
+reproduces the chosen response, makes no pair.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from mpo.data.records import IMAGE_TOKEN
+from mpo.pairs.generate import Request, Sampler
+from mpo.pairs.prompts import PromptRecord
+
+
+def cut(text: str, ratio: float) -> str | None:
+    """The text up to the end of its floor(ratio x words)-th word; None when that is no real cut."""
+    words = list(re.finditer(r"\S+", text))
+    keep = int(len(words) * ratio)
+    if keep < 1 or keep >= len(words):
+        return None
+    return text[:words[keep - 1].end()]
+
+
+def without_images(question: str) -> str:
+    return "\n".join(line for line in question.replace(IMAGE_TOKEN, "").split("\n") if line.strip()).strip()
+
+
+def dropout_process(sampler: Sampler, *, ratio: float = 0.5, temperature: float = 1.0, seed: int = 0):
+    """The per-chunk step of `mpo pairs dropout-ntp` (see `mpo.pairs.run.build`)."""
+    def process(chunk: list[PromptRecord]) -> list[dict]:
+        prefixes = {r.id: cut(r.chosen, ratio) for r in chunk}
+        todo = [r for r in chunk if prefixes[r.id] is not None]
+        requests = [Request(r.id, ({"role": "user", "content": without_images(r.question)},),
+                            response_prefix=prefixes[r.id]) for r in todo]
+        continuations = dict(zip((r.id for r in todo), sampler.generate(requests, temperature=temperature, seed=seed)))
+        results = []
+        for r in chunk:
+            counts: Counter = Counter(prompts=1)
+            pairs = []
+            if prefixes[r.id] is None:
+                counts["too_short"] += 1
+            elif not continuations[r.id].strip():
+                counts["empty_continuation"] += 1
+            else:
+                rejected = prefixes[r.id] + continuations[r.id]
+                if rejected.strip() == r.chosen.strip():
+                    counts["identical"] += 1
+                else:
+                    counts["continued"] += 1
+                    pairs.append({**r.extra, "id": r.id, "question": r.question, "chosen": r.chosen,
+                                  "rejected": rejected, "image": [str(p) for p in r.images]})
+            if not pairs:
+                counts["no_pair_possible"] += 1
+            results.append({"id": r.id, "counts": dict(counts), "pairs": pairs})
+        return results
+    return process

@@ -1,0 +1,82 @@
+"""Batched sampling with the model's own `generate`, prompts rendered as the trainer renders them.
+
+Prompts go through `mpo.data.render.Renderer.prompt` (chat template, InternVL image tokens and
+tiles), so a sampled response is scored later in exactly the context it was sampled in. A batch
+is left-padded; a vision-language batch passes the tiles of all its prompts in prompt order (the
+model fills its image slots in that order). Each request is its own row, never expanded with
+`num_return_sequences`: that would repeat each prompt's tiles in place and break the order.
+Sampling is seeded per batch from (seed, the batch's request keys): a rerun of the same batch
+draws the same responses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mpo.data.render import Renderer
+
+
+@dataclass(frozen=True)
+class Request:
+    key: str  # identifies the request in the seed (prompt id and sample number)
+    messages: tuple[dict, ...]
+    images: tuple = ()
+    response_prefix: str = ""
+
+
+class Sampler:
+    def __init__(self, model_dir: str | Path, *, device: torch.device, dtype: torch.dtype | None = None,
+                 max_new_tokens: int = 512, batch_size: int = 16, max_patches: int | None = None):
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+        self.renderer = Renderer(model_dir, max_patches=max_patches)
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        cls = AutoModelForImageTextToText if self.renderer.vision else AutoModelForCausalLM
+        self.model = cls.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        self.device, self.dtype = device, dtype
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        tok = self.renderer.tokenizer
+        ends = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else None}
+        configured = self.model.generation_config.eos_token_id
+        ends |= set(configured if isinstance(configured, list) else [configured])
+        self.eos = sorted(e for e in ends if e is not None)
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else self.eos[0]
+
+    def generate(self, requests: list[Request], *, temperature: float = 1.0, seed: int = 0) -> list[str]:
+        """One completion per request (decoded, special tokens dropped), in request order."""
+        out = []
+        for lo in range(0, len(requests), self.batch_size):
+            out += self._batch(requests[lo:lo + self.batch_size], temperature, seed)
+        return out
+
+    @torch.no_grad()
+    def _batch(self, requests: list[Request], temperature: float, seed: int) -> list[str]:
+        encoded = [self.renderer.prompt(r.messages, r.images, response_prefix=r.response_prefix) for r in requests]
+        width = max(len(ids) for ids, _ in encoded)
+        input_ids = torch.full((len(encoded), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for k, (ids, _) in enumerate(encoded):
+            input_ids[k, width - len(ids):] = torch.tensor(ids)
+            mask[k, width - len(ids):] = 1
+        tiles = [pv for _, pv in encoded if pv is not None]
+        kwargs = {}
+        if tiles:
+            kwargs["pixel_values"] = torch.cat(tiles).to(self.device, self.dtype)
+        digest = hashlib.sha256(f"{seed}|{'|'.join(r.key for r in requests)}".encode()).digest()
+        torch.manual_seed(int.from_bytes(digest[:8], "little"))
+        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 \
+            else dict(do_sample=False)
+        generated = self.model.generate(
+            input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=self.max_new_tokens,
+            eos_token_id=self.eos, pad_token_id=self.pad, **sampling, **kwargs)
+        new = generated[:, width:].cpu()
+        texts = []
+        for row in new:
+            ends = [k for k, t in enumerate(row.tolist()) if t in self.eos]
+            kept = row[:ends[0]] if ends else row
+            texts.append(self.renderer.tokenizer.decode(kept, skip_special_tokens=True))
+        return texts

@@ -1,0 +1,94 @@
+"""Input records of the pair builders: JSONL, one prompt per line.
+
+    {"id": "q17", "question": "How many dots?", "image": "imgs/q17.png", "answer": "4"}
+    {"question": "What is 3 + 4?", "answer": "7"}                         (text-only)
+    {"question": "<image>\\nDescribe it.", "image": ["a.png", "b.png"], "chosen": "It shows ..."}
+
+`question` (or `prompt`) is required; `image` is a path, a list of paths or absent (relative paths
+are resolved against `--image-root`, default the file's folder), with `<image>` placeholders
+prepended when the question has none, as MMPR does; `answer` (the ground truth) is required by
+`correctness`, `chosen` by `dropout-ntp` (a `rejected` field is ignored); `id` defaults to the
+line number; other fields are carried into the output. Every line is checked
+before any model runs: a bad one stops the command with `path:line: reason`, so nothing is
+generated for a file that would fail halfway.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from mpo.data.records import IMAGE_TOKEN, DataError
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    id: str
+    question: str  # with one IMAGE_TOKEN per image
+    images: tuple[Path, ...]
+    answer: str | None
+    chosen: str | None
+    source: str  # "file:line"
+    extra: dict  # the line's other fields, carried into the output
+
+    @property
+    def messages(self) -> tuple[dict, ...]:
+        return ({"role": "user", "content": self.question},)
+
+
+def read_prompts(path: str | Path, *, need: str, image_root: str | Path | None = None) -> list[PromptRecord]:
+    """Every record of a prompts file; `need` = "answer" or "chosen" (the field the builder requires)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file not found: {path}")
+    root = Path(image_root) if image_root else path.parent
+    records, seen = [], {}
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: a line must be a JSON object")
+            records.append(_record(row, where, line_no, need, root))
+            if records[-1].id in seen:
+                raise DataError(f"{where}: id {records[-1].id!r} repeats line {seen[records[-1].id]}")
+            seen[records[-1].id] = line_no
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+def _record(row: dict, where: str, line_no: int, need: str, root: Path) -> PromptRecord:
+    question = row.get("question", row.get("prompt"))
+    if not isinstance(question, str) or not question.strip():
+        raise DataError(f"{where}: 'question' (or 'prompt') must be a non-empty string")
+    value = row.get(need)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and need == "answer":
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: {need!r} must be a non-empty string")
+    image = row.get("image", row.get("images"))
+    refs = [] if image is None else [image] if isinstance(image, str) else image
+    if not isinstance(refs, list) or not all(isinstance(r, str) and r for r in refs):
+        raise DataError(f"{where}: 'image' must be a path or a list of paths")
+    images = tuple(p if p.is_absolute() else root / p for p in map(Path, refs))
+    for p in images:
+        if not p.is_file():
+            raise DataError(f"{where}: image not found: {p}")
+    placeholders = question.count(IMAGE_TOKEN)
+    if images and placeholders == 0:
+        question = "\n".join([IMAGE_TOKEN] * len(images) + [question])
+    elif placeholders != len(images):
+        raise DataError(f"{where}: {placeholders} {IMAGE_TOKEN} placeholders for {len(images)} images")
+    ident = row.get("id", line_no)
+    if not isinstance(ident, (str, int)) or isinstance(ident, bool):
+        raise DataError(f"{where}: 'id' must be a string or an integer")
+    known = {"id", "question", "prompt", "image", "images", "chosen", "rejected"} | ({"answer"} if need == "answer" else set())
+    return PromptRecord(str(ident), question, images, value if need == "answer" else None,
+                        value if need == "chosen" else None, where, {k: v for k, v in row.items() if k not in known})

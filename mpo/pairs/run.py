@@ -1,0 +1,65 @@
+"""The loop both pair builders share: shard over ranks, skip what is done, record, merge.
+
+Under `torchrun` each rank takes prompts k with k % world == rank and writes its own result file;
+after a barrier (gloo: it is the only collective needed) rank 0 writes the MMPR folder. Without a
+launcher it is one rank. See `mpo.pairs.output` for the files and how a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mpo.pairs.output import ResultLog, write_mmpr
+from mpo.pairs.prompts import PromptRecord
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int
+    world: int
+    device: torch.device
+
+    @classmethod
+    def init(cls, device: str = "auto") -> Ranks:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("gloo")
+        rank = int(os.environ.get("RANK", "0"))
+        cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+        if cuda and not torch.cuda.is_available():
+            raise ValueError("--device cuda but no CUDA device is available")
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return cls(rank, world, torch.device("cuda", local) if cuda else torch.device("cpu"))
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def build(records: list[PromptRecord], out_dir: str | Path, *, name: str, image_root: Path, ranks: Ranks,
+          process: Callable[[list[PromptRecord]], list[dict]], chunk: int, desc: str, images: str = "link",
+          progress: bool = True) -> dict | None:
+    """Run `process` over this rank's unfinished prompts, `chunk` at a time; -> counts (rank 0)."""
+    from tqdm import tqdm
+
+    log = ResultLog(out_dir, ranks.rank)
+    try:
+        mine = [r for k, r in enumerate(records) if k % ranks.world == ranks.rank and r.id not in log.finished]
+        with tqdm(total=len(mine), desc=desc, unit="prompt", disable=not progress or ranks.rank != 0) as bar:
+            for lo in range(0, len(mine), chunk):
+                for result in process(mine[lo:lo + chunk]):
+                    log.append(result)
+                bar.update(len(mine[lo:lo + chunk]))
+    finally:
+        log.close()
+    ranks.barrier()
+    counts = None
+    if ranks.rank == 0:
+        counts = write_mmpr(out_dir, name, [r.id for r in records], image_root, images=images)
+    ranks.barrier()
+    return counts

