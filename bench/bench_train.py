@@ -68,17 +68,8 @@ def build_model(out: Path, preset: str, arch: str = "internvl") -> Path:
     build_tiny_model(out, arch)
     if preset == "tiny":
         return out
-    from transformers import AutoConfig, InternVLForConditionalGeneration
-
-    shape = PRESETS[preset]
-    config = AutoConfig.from_pretrained(out)
-    for key, value in shape["text"].items():
-        setattr(config.text_config, key, value)
-    for key, value in shape["vision"].items():
-        setattr(config.vision_config, key, value)
-    config.tie_word_embeddings = shape["text"]["tie_word_embeddings"]
-    tile = shape["vision"]["image_size"]
-    config.image_seq_length = int((tile // shape["vision"]["patch_size"]) ** 2 * config.downsample_ratio ** 2)
+    config = preset_config(out, preset)
+    tile = PRESETS[preset]["vision"]["image_size"]
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = InternVLForConditionalGeneration(config).to(torch.bfloat16)
@@ -95,6 +86,25 @@ def build_model(out: Path, preset: str, arch: str = "internvl") -> Path:
             cfg["image_seq_length"] = config.image_seq_length
         path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def preset_config(tiny_dir: Path, preset: str):
+    """The tiny model's config (token ids, projector) rebuilt with a preset's shapes. Rebuilt, not
+    patched: the constructors derive fields (per-layer attention types, tuple image sizes)."""
+    from transformers import AutoConfig, InternVLConfig
+
+    shape, base = PRESETS[preset], AutoConfig.from_pretrained(tiny_dir).to_dict()
+    text = {k: v for k, v in base["text_config"].items() if k != "layer_types"} | shape["text"]
+    vision = base["vision_config"] | shape["vision"]
+    tokens = int((shape["vision"]["image_size"] // shape["vision"]["patch_size"]) ** 2 * base["downsample_ratio"] ** 2)
+    config = InternVLConfig(text_config=text, vision_config=vision, image_token_id=base["image_token_id"],
+                            image_seq_length=tokens, downsample_ratio=base["downsample_ratio"],
+                            projector_hidden_act=base["projector_hidden_act"],
+                            vision_feature_layer=base["vision_feature_layer"],
+                            vision_feature_select_strategy=base["vision_feature_select_strategy"],
+                            tie_word_embeddings=shape["text"]["tie_word_embeddings"])
+    config.architectures = ["InternVLForConditionalGeneration"]
+    return config
 
 
 def trl_dataset(meta: str, limit: int):
@@ -191,15 +201,18 @@ def worker_trl(a) -> dict:
     times: list[float] = []
 
     class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.start = time.perf_counter()
+        """Step end to step end: TRL fetches and collates a step's micro-batches before
+        on_step_begin, and mpo's step time includes its batching too."""
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.last = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.start)
+            now = time.perf_counter()
+            times.append(now - self.last)
+            self.last = now
 
     args = DPOConfig(
         output_dir=a.out, max_steps=a.steps, per_device_train_batch_size=micro,
@@ -281,6 +294,8 @@ def main(argv=None) -> int:
         a.preset, a.pairs, a.steps, a.warmup, a.row_tokens, a.trl_micro_pairs = "tiny", 4, 3, 1, 1024, 2
     elif not torch.cuda.is_available():
         p.error("no CUDA device: run with --cpu for the smoke run")
+    if a.steps <= a.warmup:
+        p.error(f"--steps ({a.steps}) must exceed --warmup ({a.warmup}): no step would be timed")
     impls = a.impls.split(",")
     with tempfile.TemporaryDirectory(dir=a.work_dir) as tmp:
         root = Path(tmp)

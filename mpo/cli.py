@@ -170,6 +170,11 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+# what makes a pair-building run's results (a rerun with other values must not reuse them)
+SAMPLING_SETTINGS = ("samples", "max_pairs", "instruction", "format_negatives", "ratio", "temperature",
+                     "max_new_tokens", "max_patches", "seed", "image_root")
+
+
 def _pairs(args: argparse.Namespace) -> int:
     from mpo.pairs.correctness import INSTRUCTION, correctness_process
     from mpo.pairs.dropout_ntp import dropout_process
@@ -179,11 +184,21 @@ def _pairs(args: argparse.Namespace) -> int:
 
     _quiet_transformers()
     correctness = args.pairs_command == "correctness"
+    for flag in ("samples", "max_pairs", "batch_size", "max_new_tokens"):
+        if getattr(args, flag, 1) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if not correctness and not 0 < args.ratio < 1:
+        raise ValueError(f"--ratio must be between 0 and 1, got {args.ratio}")
     source = Path(args.prompts if correctness else args.data)
     records = read_prompts(source, need="answer" if correctness else "chosen", image_root=args.image_root)
     ranks = Ranks.init(args.device)
     sampler = Sampler(args.model, device=ranks.device, max_new_tokens=args.max_new_tokens,
                       batch_size=args.batch_size, max_patches=args.max_patches)
+    with_images = next((r for r in records if r.images), None)
+    if correctness and with_images is not None and not sampler.renderer.vision:
+        raise ValueError(f"{with_images.source}: the prompt has images but {args.model} is a text-only model")
+    settings = {k: v for k, v in vars(args).items() if k in SAMPLING_SETTINGS}
+    settings.update(builder=args.pairs_command, model=str(Path(args.model).resolve()), input=str(source.resolve()))
     if correctness:
         process = correctness_process(sampler, samples=args.samples, max_pairs=args.max_pairs,
                                       instruction=INSTRUCTION if args.instruction is None else args.instruction,
@@ -191,14 +206,12 @@ def _pairs(args: argparse.Namespace) -> int:
                                       seed=args.seed)
         chunk = max(1, args.batch_size // args.samples)
     else:
-        if not 0 < args.ratio < 1:
-            raise ValueError(f"--ratio must be between 0 and 1, got {args.ratio}")
         process = dropout_process(sampler, ratio=args.ratio, temperature=args.temperature, seed=args.seed)
         chunk = args.batch_size
     name = args.name or source.stem
     counts = build(records, args.out, name=name, image_root=Path(args.image_root) if args.image_root else source.parent,
                    ranks=ranks, process=process, chunk=chunk, desc=f"mpo pairs {args.pairs_command}",
-                   images=args.images)
+                   settings=settings, images=args.images)
     if counts is not None:
         print(" ".join(f"{k}={v}" for k, v in sorted(counts.items())))
         print(f"wrote {Path(args.out) / 'meta.json'} ({counts['pairs']} pairs)")

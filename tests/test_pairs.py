@@ -123,9 +123,11 @@ def test_max_pairs_is_a_seeded_sample_and_no_pair_is_counted():
 
 
 def test_contains_answer_matches_whole_tokens():
-    assert contains_answer("so the total is 7 apples", "7") and contains_answer("(B) is right", "(B)")
+    assert contains_answer("so the total is 7 apples", "7")
     assert not contains_answer("17 or 70 or 7.5", "7") and contains_answer("it is 7.", "7")
-    assert contains_answer("The answer is Yes", "yes") and not contains_answer("yesterday", "yes")
+    assert contains_answer("the shape is a circle", "circle") and not contains_answer("circles", "circle")
+    # option letters and yes/no are in almost any text: never a reason to drop a pair
+    assert not contains_answer("Option B is wrong; a cat", "B") and not contains_answer("there is no dog", "no")
 
 
 def test_cut_keeps_the_chosen_text_up_to_half_its_words():
@@ -181,7 +183,8 @@ def test_correctness_build_with_images_writes_mmpr_the_trainer_reads(tmp_path, d
 
     sampler = ScriptedSampler(script)
     counts = build(records, tmp_path / "out", name="count", image_root=demo_data, ranks=Ranks(0, 1, torch.device("cpu")),
-                   process=correctness_process(sampler, samples=4, max_pairs=15), chunk=4, desc="t", progress=False)
+                   process=correctness_process(sampler, samples=4, max_pairs=15), chunk=4, desc="t", settings={},
+                   progress=False)
     assert counts == {"prompts": 6, "responses": 24, "correct": 6, "wrong": 12, "unparsable": 6, "pairs": 12}
     assert all(len(r.images) == 1 and r.images[0].is_file() for r in sampler.requests)
     assert all("Final answer: <answer>" in r.messages[0]["content"] for r in sampler.requests)
@@ -196,8 +199,66 @@ def test_correctness_build_with_images_writes_mmpr_the_trainer_reads(tmp_path, d
     # a rerun finds everything done: nothing is sampled again, the output is the same
     again = ScriptedSampler(script)
     build(records, tmp_path / "out", name="count", image_root=demo_data, ranks=Ranks(0, 1, torch.device("cpu")),
-          process=correctness_process(again, samples=4, max_pairs=15), chunk=4, desc="t", progress=False)
+          process=correctness_process(again, samples=4, max_pairs=15), chunk=4, desc="t", settings={},
+          progress=False)
     assert again.requests == [] and annotations(tmp_path / "out") == rows
+    # results made another way are not taken for finished prompts
+    with pytest.raises(ValueError, match="holds results made with other settings \\(samples differ\\)"):
+        build(records, tmp_path / "out", name="count", image_root=demo_data, ranks=Ranks(0, 1, torch.device("cpu")),
+              process=correctness_process(again, samples=8, max_pairs=15), chunk=4, desc="t",
+              settings={"samples": 8}, progress=False)
+
+
+def test_an_unreadable_image_is_counted_not_fatal(tmp_path, tiny_models):
+    from PIL import Image
+
+    from mpo.pairs.generate import Sampler
+
+    Image.new("RGB", (60, 40), "red").save(tmp_path / "good.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png at all")
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"question": "Colour?", "answer": "red", "image": "good.png"},
+                                                 {"question": "Colour?", "answer": "red", "image": "bad.png"}])
+    sampler = Sampler(tiny_models["internvl"], device=torch.device("cpu"), max_new_tokens=4, batch_size=8)
+    counts = build(read_prompts(prompts, need="answer"), tmp_path / "out", name="p", image_root=tmp_path,
+                   ranks=Ranks(0, 1, torch.device("cpu")), process=correctness_process(sampler, samples=2, max_pairs=4),
+                   chunk=2, desc="t", settings={}, progress=False)
+    assert counts["prompts"] == 2 and counts["corrupt_image"] == 1 and counts["responses"] == 2
+    assert "corrupt_image" in read_results(tmp_path / "out" / "work")["2"]["error"]
+
+
+def test_a_continuation_keeps_its_leading_space_with_sentencepiece_decoders():
+    """Metaspace decoders drop the space before a text's first word: decoding a continuation alone
+    would glue it to the prefix ("sat" + "on the" -> "saton the")."""
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from mpo.pairs.generate import Sampler
+
+    vocab = {"<unk>": 0, "▁cat": 1, "▁sat": 2, "▁on": 3, "▁the": 4}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    raw.decoder = decoders.Metaspace(prepend_scheme="first")
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw)
+    sampler = object.__new__(Sampler)
+    sampler.renderer = SimpleNamespace(tokenizer=tok)
+    assert tok.decode([3, 4]) == "on the"  # what decoding the new tokens alone gives
+    assert "the cat sat" + sampler._decode(2, [3, 4]) == "the cat sat on the"
+    assert sampler._decode(None, [3, 4]) == "on the"
+
+
+def test_bad_arguments_are_refused_before_any_model_loads(tmp_path, capsys):
+    from mpo.cli import main
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"question": "q", "answer": "1"}])
+    for flag in ("--samples", "--batch-size", "--max-pairs", "--max-new-tokens"):
+        assert main(["pairs", "correctness", "--model", str(tmp_path), "--prompts", str(prompts), "--out",
+                     str(tmp_path / "o"), flag, "0"]) == 1
+        assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err
+    assert main(["pairs", "dropout-ntp", "--model", str(tmp_path), "--data", str(prompts), "--out",
+                 str(tmp_path / "o"), "--ratio", "1.5"]) == 1
+    assert "--ratio must be between 0 and 1" in capsys.readouterr().err
 
 
 # --- the commands --------------------------------------------------------------------------------------

@@ -22,9 +22,10 @@ import math
 import re
 from fractions import Fraction
 
-TRIGGER = re.compile(r"final\s+answer\s*(?:is)?\s*[:：]", re.IGNORECASE)
+TRIGGER = re.compile(r"final\s+answer[*_]*\s*(?:is)?\s*[*_]*[:：]", re.IGNORECASE)
+_MATH_OPENERS = ("\\[", "\\(", "$$")  # a display-math line after the trigger: the answer is on the next
 _LETTER_GT = re.compile(r"^\(?([A-Za-z])\)?(?:[.:)]\s*(.*))?$", re.DOTALL)
-_LETTER_ANSWER = re.compile(r"^(?:option\s+|choice\s+)?\(?([A-Za-z])\)?(?=$|[\s.:),])", re.IGNORECASE)
+_LETTER_ANSWER = re.compile(r"^(?:(?:option|choice)\s+)?(\()?([A-Za-z])(\))?(?=$|[\s.:),])", re.IGNORECASE)
 _YES_NO = {"yes": "yes", "no": "no", "true": "yes", "false": "no"}
 _NUMBER = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+"
 _FRACTION = re.compile(rf"^({_NUMBER})\s*/\s*({_NUMBER})$")
@@ -38,9 +39,11 @@ def extract_answer(text: str) -> str | None:
     found = list(TRIGGER.finditer(text))
     if not found:
         return None
-    rest = text[found[-1].end():].lstrip("*_` \t\r\n")
-    answer = rest.split("\n", 1)[0].strip("*_`\"' \t\r").strip()  # its line: what follows is commentary
-    return answer or None
+    for line in text[found[-1].end():].split("\n"):  # its line: what follows is commentary
+        answer = line.strip("*_`\"' \t\r").strip()
+        if answer and answer not in _MATH_OPENERS:
+            return answer
+    return None
 
 
 def is_correct(answer: str | None, ground_truth: str) -> bool:
@@ -55,8 +58,14 @@ def is_correct(answer: str | None, ground_truth: str) -> bool:
     if choice is not None:
         letter, option = choice
         said = _LETTER_ANSWER.match(answer)
-        if said and (len(answer) == 1 or not option or _norm(answer[said.end():]) in ("", _norm(option))):
-            return said.group(1).upper() == letter
+        if said:
+            rest = answer[said.end():]
+            # "B", "(B) text", "B. text", "B: text" name one option; "B or D", "B, C", "a square" do not
+            if not rest.strip() or (said.group(1) and said.group(3)) or rest[:1] in ".:)":
+                text = rest.lstrip(".:) ").strip()
+                if option and text and _norm(text) != _norm(option):
+                    return False
+                return said.group(2).upper() == letter
         return bool(option) and _norm(answer) == _norm(option)
     if _norm(truth) in _YES_NO:
         first = _norm(answer).split(" ")[0] if _norm(answer) else ""
@@ -71,20 +80,45 @@ def is_correct(answer: str | None, ground_truth: str) -> bool:
     return _math_verify(truth, answer)
 
 
+def answer_kind(ground_truth: str) -> str:
+    """Which rule judges answers to this ground truth: "choice", "yes_no", "number" or "text"."""
+    truth = _unwrap(str(ground_truth))
+    if _choice(truth) is not None:
+        return "choice"
+    if _norm(truth) in _YES_NO:
+        return "yes_no"
+    return "number" if _number(truth) is not None else "text"
+
+
 # --- rules ---------------------------------------------------------------------------------------------
 
 def _unwrap(text: str) -> str:
-    """Drop what wraps an answer: $...$, \\boxed{...}, \\text{...}, markdown, trailing full stops."""
+    """Drop what wraps an answer: $...$, \\[...\\], \\boxed{...}, \\text{...}, markdown, trailing full stops."""
     text = text.strip().strip("*_`").strip()
+    for opener, closer in (("\\[", "\\]"), ("\\(", "\\)")):
+        text = text.removeprefix(opener).removesuffix(closer).strip()
     text = re.sub(r"^\$+|\$+$", "", text).strip() if text.count("$") >= 2 or re.fullmatch(r"\$+.*\$+", text) \
         else text
-    for command in ("boxed", "text", "textbf", "mathrm", "mbox"):
-        text = re.sub(rf"\\{command}\s*\{{([^{{}}]*)\}}", r"\1", text)
+    text = _drop_commands(text, ("boxed", "text", "textbf", "mathrm", "mbox"))
     text = text.strip()
     while text and text[-1] in ".。!,;\"'“”’`*":  # closing punctuation, quotes and emphasis
         text = text[:-1].rstrip()
     while text and text[0] in "\"'“‘`*":
         text = text[1:].lstrip()
+    return text
+
+
+def _drop_commands(text: str, commands: tuple[str, ...]) -> str:
+    """\\boxed{...} -> ..., with nested braces (\\boxed{\\frac{1}{2}})."""
+    for command in commands:
+        while (m := re.search(rf"\\{command}\s*\{{", text)) is not None:
+            depth, end = 1, m.end()
+            while end < len(text) and depth:
+                depth += {"{": 1, "}": -1}.get(text[end], 0)
+                end += 1
+            if depth:  # unbalanced: leave it as written
+                break
+            text = text[:m.start()] + text[m.end():end - 1] + text[end:]
     return text
 
 
@@ -160,8 +194,10 @@ def _plain(s: str) -> float | None:
 
 def _numbers_match(want: _Num, got: _Num) -> bool:
     candidates = [got.value]
-    if want.percent != got.percent:  # "50%" against "0.5" (either way round)
-        candidates += [got.value * 100, got.value / 100]
+    if want.percent and not got.percent:  # truth "50%", answer "0.5"
+        candidates.append(got.value * 100)
+    elif got.percent and not want.percent:  # truth "0.5", answer "50%"
+        candidates.append(got.value / 100)
     for value in candidates:
         if math.isclose(value, want.value, rel_tol=1e-6, abs_tol=1e-9):
             return True

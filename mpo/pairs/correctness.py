@@ -3,7 +3,7 @@
 Every correct response is paired with every wrong one (distinct texts only), except where the
 wrong text contains the ground-truth answer as a token of its own ("7" in "... so 7 apples" but
 not in "17"): such a response may well reason correctly and slip at the end, and MMPR drops those
-pairs. Responses without the "Final answer:" trigger are format negatives: counted, and used as
+pairs. The check applies to numbers and texts, not to option letters or yes/no. Responses without the "Final answer:" trigger are format negatives: counted, and used as
 rejected responses only with `format_negatives=True`. At most `max_pairs` pairs per prompt, a
 seeded sample of all candidates (taking the first ones would favour the first correct response).
 """
@@ -14,7 +14,8 @@ import random
 import re
 from collections import Counter
 
-from mpo.pairs.answers import extract_answer, is_correct
+from mpo.data.records import BadPair
+from mpo.pairs.answers import answer_kind, extract_answer, is_correct
 from mpo.pairs.generate import Request, Sampler
 from mpo.pairs.prompts import PromptRecord
 
@@ -26,6 +27,10 @@ def question_with_instruction(question: str, instruction: str) -> str:
 
 
 def contains_answer(text: str, answer: str) -> bool:
+    """Does `text` hold the ground truth as a token of its own? Never for option letters and yes/no,
+    which appear in almost any text ("a", "no") without meaning the answer."""
+    if answer_kind(answer) in ("choice", "yes_no"):
+        return False
     return re.search(rf"(?<![\w.]){re.escape(answer.strip())}(?!\w|\.\d)", text, re.IGNORECASE) is not None
 
 
@@ -70,7 +75,15 @@ def correctness_process(sampler: Sampler, *, samples: int, max_pairs: int, instr
         requests = [Request(f"{r.id}#{s}", ({"role": "user", "content": questions[r.id]},), r.images)
                     for r in chunk for s in range(samples)]
         texts = sampler.generate(requests, temperature=temperature, seed=seed)
-        return [judge_and_pair(r, texts[k * samples:(k + 1) * samples], question=questions[r.id],
-                               max_pairs=max_pairs, format_negatives=format_negatives, seed=seed)
-                for k, r in enumerate(chunk)]
+        results = []
+        for k, r in enumerate(chunk):
+            mine = texts[k * samples:(k + 1) * samples]
+            bad = next((t for t in mine if isinstance(t, BadPair)), None)
+            if bad is not None:  # its prompt could not be rendered (all samples share it)
+                results.append({"id": r.id, "counts": {"prompts": 1, bad.reason: 1, "no_pair_possible": 1},
+                                "pairs": [], "error": str(bad)})
+                continue
+            results.append(judge_and_pair(r, mine, question=questions[r.id], max_pairs=max_pairs,
+                                          format_negatives=format_negatives, seed=seed))
+        return results
     return process

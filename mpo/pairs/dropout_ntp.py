@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from mpo.data.records import IMAGE_TOKEN
+from mpo.data.records import IMAGE_TOKEN, BadPair
 from mpo.pairs.generate import Request, Sampler
 from mpo.pairs.prompts import PromptRecord
 
@@ -45,6 +45,8 @@ def dropout_process(sampler: Sampler, *, ratio: float = 0.5, temperature: float 
             pairs = []
             if prefixes[r.id] is None:
                 counts["too_short"] += 1
+            elif isinstance(continuations[r.id], BadPair):
+                counts[continuations[r.id].reason] += 1
             elif not continuations[r.id].strip():
                 counts["empty_continuation"] += 1
             else:

@@ -6,7 +6,8 @@ is left-padded; a vision-language batch passes the tiles of all its prompts in p
 model fills its image slots in that order). Each request is its own row, never expanded with
 `num_return_sequences`: that would repeat each prompt's tiles in place and break the order.
 Sampling is seeded per batch from (seed, the batch's request keys): a rerun of the same batch
-draws the same responses.
+draws the same responses. A prompt that cannot be rendered (an unreadable image, ...) does not
+stop the batch: its result is the `BadPair` saying why, for the builder to count.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from mpo.data.records import BadPair
 from mpo.data.render import Renderer
 
 
@@ -46,7 +48,7 @@ class Sampler:
         self.eos = sorted(e for e in ends if e is not None)
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else self.eos[0]
 
-    def generate(self, requests: list[Request], *, temperature: float = 1.0, seed: int = 0) -> list[str]:
+    def generate(self, requests: list[Request], *, temperature: float = 1.0, seed: int = 0) -> list[str | BadPair]:
         """One completion per request (decoded, special tokens dropped), in request order."""
         out = []
         for lo in range(0, len(requests), self.batch_size):
@@ -54,8 +56,17 @@ class Sampler:
         return out
 
     @torch.no_grad()
-    def _batch(self, requests: list[Request], temperature: float, seed: int) -> list[str]:
-        encoded = [self.renderer.prompt(r.messages, r.images, response_prefix=r.response_prefix) for r in requests]
+    def _batch(self, requests: list[Request], temperature: float, seed: int) -> list[str | BadPair]:
+        results: list[str | BadPair | None] = [None] * len(requests)
+        encoded, rows = [], []
+        for k, r in enumerate(requests):
+            try:
+                encoded.append(self.renderer.prompt(r.messages, r.images, response_prefix=r.response_prefix))
+                rows.append(k)
+            except BadPair as bad:
+                results[k] = bad
+        if not encoded:
+            return results
         width = max(len(ids) for ids, _ in encoded)
         input_ids = torch.full((len(encoded), width), self.pad, dtype=torch.long)
         mask = torch.zeros((len(encoded), width), dtype=torch.long)
@@ -74,9 +85,19 @@ class Sampler:
             input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=self.max_new_tokens,
             eos_token_id=self.eos, pad_token_id=self.pad, **sampling, **kwargs)
         new = generated[:, width:].cpu()
-        texts = []
-        for row in new:
-            ends = [k for k, t in enumerate(row.tolist()) if t in self.eos]
-            kept = row[:ends[0]] if ends else row
-            texts.append(self.renderer.tokenizer.decode(kept, skip_special_tokens=True))
-        return texts
+        for k, (ids, _), row in zip(rows, encoded, new):
+            ends = [j for j, t in enumerate(row.tolist()) if t in self.eos]
+            kept = row[:ends[0]].tolist() if ends else row.tolist()
+            results[k] = self._decode(ids[-1], kept) if requests[k].response_prefix else self._decode(None, kept)
+        return results
+
+    def _decode(self, last_prompt_id: int | None, ids: list[int]) -> str:
+        """New tokens as text. A continuation is decoded after the prompt's last token and that
+        token's text removed: SentencePiece decoders drop a leading space at the start of a text,
+        which would glue the continuation's first word to the prefix."""
+        tok = self.renderer.tokenizer
+        if last_prompt_id is None:
+            return tok.decode(ids, skip_special_tokens=True)
+        head = tok.decode([last_prompt_id], skip_special_tokens=True)
+        full = tok.decode([last_prompt_id, *ids], skip_special_tokens=True)
+        return full[len(head):] if full.startswith(head) else tok.decode(ids, skip_special_tokens=True)

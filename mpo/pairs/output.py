@@ -4,7 +4,9 @@ While running, each rank appends one JSON line per finished prompt to
 `OUT/work/results.rank<r>.jsonl` (its pairs and its per-reason counts), flushed and fsynced, so
 a prompt is either wholly recorded or not at all. A rerun reads every rank's file (whatever the
 world size was), skips the prompts already there and drops a last line cut short by a kill (that
-prompt is simply redone). At the end rank 0 writes the MMPR folder, each file to a temporary
+prompt is simply redone); `OUT/work/settings.json` records how the results were made (builder,
+model, input, sampling options), and a rerun with other settings is refused rather than mixed in.
+At the end rank 0 writes the MMPR folder, each file to a temporary
 name and renamed:
   OUT/meta.json                  {NAME: {"root": "images", "annotation": "annotations/NAME.jsonl", ...}}
   OUT/annotations/NAME.jsonl     {"image", "question", "chosen", "rejected", "id", ...} in input order

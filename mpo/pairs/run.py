@@ -7,7 +7,9 @@ launcher it is one rank. See `mpo.pairs.output` for the files and how a rerun re
 
 from __future__ import annotations
 
+import json
 import os
+from datetime import timedelta
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,8 @@ class Ranks:
     def init(cls, device: str = "auto") -> Ranks:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("gloo")
+            # only barriers: one rank may finish its slice (or rank 0 its merge) hours before another
+            torch.distributed.init_process_group("gloo", timeout=timedelta(days=7))
         rank = int(os.environ.get("RANK", "0"))
         cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
         if cuda and not torch.cuda.is_available():
@@ -42,11 +45,14 @@ class Ranks:
 
 
 def build(records: list[PromptRecord], out_dir: str | Path, *, name: str, image_root: Path, ranks: Ranks,
-          process: Callable[[list[PromptRecord]], list[dict]], chunk: int, desc: str, images: str = "link",
-          progress: bool = True) -> dict | None:
-    """Run `process` over this rank's unfinished prompts, `chunk` at a time; -> counts (rank 0)."""
+          process: Callable[[list[PromptRecord]], list[dict]], chunk: int, desc: str, settings: dict,
+          images: str = "link", progress: bool = True) -> dict | None:
+    """Run `process` over this rank's unfinished prompts, `chunk` at a time; -> counts (rank 0).
+    `settings` (builder, model, input, sampling options) must match those of the results already in
+    OUT: finished prompts are only skipped when they were made the same way."""
     from tqdm import tqdm
 
+    check_settings(Path(out_dir), {"name": name, **settings}, ranks.rank)
     log = ResultLog(out_dir, ranks.rank)
     try:
         mine = [r for k, r in enumerate(records) if k % ranks.world == ranks.rank and r.id not in log.finished]
@@ -59,7 +65,26 @@ def build(records: list[PromptRecord], out_dir: str | Path, *, name: str, image_
         log.close()
     ranks.barrier()
     counts = None
-    if ranks.rank == 0:
-        counts = write_mmpr(out_dir, name, [r.id for r in records], image_root, images=images)
-    ranks.barrier()
+    try:
+        if ranks.rank == 0:
+            counts = write_mmpr(out_dir, name, [r.id for r in records], image_root, images=images)
+    finally:  # the other ranks wait for the merge, whether it worked or not
+        ranks.barrier()
     return counts
+
+
+def check_settings(out_dir: Path, settings: dict, rank: int) -> None:
+    """OUT/work/settings.json: written by the first run, compared by every later one."""
+    path = out_dir / "work" / "settings.json"
+    settings = json.loads(json.dumps(settings))  # as it reads back (tuples -> lists)
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        if recorded != settings:
+            changed = sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
+            raise ValueError(f"{out_dir} holds results made with other settings ({', '.join(changed)} differ): "
+                             "use another --out, or the same settings to resume")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"settings.json.rank{rank}.tmp")
+    tmp.write_text(json.dumps(settings, indent=2) + "\n")
+    tmp.replace(path)

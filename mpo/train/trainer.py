@@ -135,19 +135,20 @@ class Trainer:
         for k in range(max(len(rows) for rows in dealt)):
             yield (pairs.pack(mine[k]) if k < len(mine) else blank_row()).to(self.dist.device, self.dtype)
 
+    @staticmethod
+    def _per_pair(name: str) -> bool:
+        """Metrics that are means over pairs (summed x pairs, divided by the global count); the
+        SFT term is already normalised by the step's global chosen-token count, so it adds up."""
+        return name in MEANS or (name.startswith("loss/") and name != "loss/sft")
+
     def _accumulate(self, acc: dict, metrics: dict, pairs: int) -> None:
         for name, value in metrics.items():
-            if name.startswith("loss/") and name != "loss/sft":
-                acc[name] = acc.get(name, 0.0) + value.item() * pairs
-            elif name in MEANS:
-                acc[name] = acc.get(name, 0.0) + value.item() * pairs
-            elif name == "loss/sft":
-                acc[name] = acc.get(name, 0.0) + value.item()
+            if self._per_pair(name) or name == "loss/sft":
+                acc[name] = acc.get(name, 0.0) + value.item() * (pairs if self._per_pair(name) else 1)
 
     def _global(self, acc: dict, names: list[str], pair_count: int) -> dict:
         totals = dict(zip(names, all_sum([acc.get(n, 0.0) for n in names], self.dist.device)))
-        return {n: (v / pair_count if n in MEANS or (n.startswith("loss/") and n != "loss/sft") else v)
-                for n, v in totals.items()}
+        return {n: v / pair_count if self._per_pair(n) else v for n, v in totals.items()}
 
     def metric_names(self) -> list[str]:
         return ["loss", *(f"loss/{t}" for t in self.cfg.loss.types), *MEANS, "row_tokens"]
