@@ -31,11 +31,9 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import importlib.metadata
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -44,6 +42,7 @@ from pathlib import Path
 import torch
 
 import mpo
+from provenance import git_sha, versions
 
 MODELS = {  # name: (D, V) of the LM head
     "internvl2-8b": (4096, 92553),
@@ -314,24 +313,6 @@ def agrees(op: str, fn, p: Problem, row: dict) -> bool:
     return True
 
 
-def versions() -> str:
-    out = [f"torch={torch.__version__}"]
-    for pkg in ("triton", "trl", "liger-kernel", "cut-cross-entropy", "mpo"):
-        try:
-            out.append(f"{pkg}={importlib.metadata.version(pkg)}")
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return " ".join(out)
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU (a smoke run)")
@@ -370,7 +351,8 @@ def main(argv=None) -> int:
         ap.error(f"--tokens {bad}: N must be a multiple of 2 x --seq-len ({2 * seq_len}): P pairs of T tokens each")
 
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"), device=device_name,
-                versions=versions(), git_sha=git_sha(), dtype=args.dtype)
+                versions=versions(("triton", "trl", "liger-kernel", "cut-cross-entropy", "mpo")),
+                git_sha=git_sha(), dtype=args.dtype)
     print(f"# {device_name} | {meta['versions']} | git {meta['git_sha']} | {args.dtype}, T={seq_len}")
     header = f"{'op':8} {'model':13} {'N':>6} {'impl':10} {'p50 ms':>9} {'p20-p80':>17} {'peak MB':>9} {'TFLOP/s':>8}  note"
     print(header)

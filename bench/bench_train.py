@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import importlib.metadata
 import json
 import os
 import platform
@@ -39,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+from provenance import git_sha, versions
 
 IMPLS = ("mpo", "mpo-online", "trl")
 LOSS_TYPES, LOSS_WEIGHTS, BETA = ["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0], 0.1
@@ -68,6 +68,8 @@ def build_model(out: Path, preset: str, arch: str = "internvl") -> Path:
     build_tiny_model(out, arch)
     if preset == "tiny":
         return out
+    from transformers import InternVLForConditionalGeneration
+
     config = preset_config(out, preset)
     tile = PRESETS[preset]["vision"]["image_size"]
     torch.manual_seed(0)
@@ -232,25 +234,6 @@ def worker_trl(a) -> dict:
 
 # --- driver ------------------------------------------------------------------------------------------------
 
-def versions() -> str:
-    names = ("torch", "triton", "transformers", "deepspeed", "trl")
-    found = []
-    for name in names:
-        try:
-            found.append(f"{name} {importlib.metadata.version(name)}")
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return ", ".join(found)
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        return ""
-
-
 def run_worker(impl: str, a, model: Path, data: Path, root: Path, text_model=None, text_data=None) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--model", str(model), "--data", str(data),
            "--out", str(root / impl), "--pairs", str(a.pairs), "--steps", str(a.steps), "--warmup", str(a.warmup),
@@ -278,7 +261,7 @@ def main(argv=None) -> int:
     p.add_argument("--zero-stage", type=int, default=0)
     p.add_argument("--grad-ckpt", action="store_true")
     p.add_argument("--cpu", action="store_true", help="tiny smoke run on the CPU")
-    p.add_argument("--csv", default=str(Path(__file__).with_name("results_train.csv")))
+    p.add_argument("--csv", default=str(Path(__file__).parent / "results" / "bench_train.csv"))
     p.add_argument("--work-dir", help="where models, data and runs go (default: a temporary folder)")
     # worker mode (internal)
     p.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
@@ -312,7 +295,7 @@ def main(argv=None) -> int:
     trl_rate = None
     if "step_s" in results.get("trl", {}) and results["trl"]["step_s"]:
         trl_rate = a.pairs / statistics.median(results["trl"]["step_s"])
-    date, vers, sha = datetime.date.today().isoformat(), versions(), git_sha()
+    date, vers, sha = datetime.date.today().isoformat(), versions(("triton", "transformers", "deepspeed", "trl", "mpo")), git_sha()
     rows = []
     for impl, r in results.items():
         if "error" in r:

@@ -287,11 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pairs = sub.add_parser("pairs", help="build preference pairs with a model (correctness, DropoutNTP)")
     pairs_sub = pairs.add_subparsers(dest="pairs_command", metavar="SUBCOMMAND", required=True)
-    for name, help_text in (("correctness", "sample K responses per prompt, judge them against the ground truth, "
-                                            "pair correct with wrong"),
-                            ("dropout-ntp", "cut each chosen response and let the model continue it without "
-                                            "the image: the rejected response")):
-        p = pairs_sub.add_parser(name, help=help_text)
+    for name, what in (("correctness", "sample K responses per prompt, judge them against the ground truth, "
+                                       "pair correct with wrong"),
+                       ("dropout-ntp", "cut each chosen response and let the model continue it without "
+                                       "the image: the rejected response")):
+        p = pairs_sub.add_parser(name, help=what)
         p.add_argument("--model", required=True, help="model folder that samples (the policy to be trained)")
         if name == "correctness":
             p.add_argument("--prompts", required=True, help="JSONL: question, answer (ground truth), image, id")
@@ -319,9 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="check or measure preference data for a model")
     data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
-    for name, help_text in (("check", "read and render every pair; count and list bad records"),
-                            ("stats", "pairs, tokens, image tiles, packing efficiency, prefix-sharing savings")):
-        p = data_sub.add_parser(name, help=help_text)
+    for name, what in (("check", "read and render every pair; count and list bad records"),
+                       ("stats", "pairs, tokens, image tiles, packing efficiency, prefix-sharing savings")):
+        p = data_sub.add_parser(name, help=what)
         _add_packing_args(p)
         p.add_argument("--json", action="store_true", help="print JSON")
         p.add_argument("--output-dir", help="write rejects.jsonl (skipped records and reasons) here")
