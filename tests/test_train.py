@@ -101,7 +101,10 @@ def test_killed_and_resumed_run_ends_bit_identical(tmp_path, tiny_models, demo_d
     if ranks > 1:
         assert {p.name for p in (run / "checkpoint-2").glob("optimizer.*")} == {
             f"optimizer.rank{r}.{ext}" for r in range(ranks) for ext in ("json", "safetensors")}
+    proc = mpo("train", config, "--output-dir", run, "--resume", "train.seed=5", check=False)
+    assert proc.returncode == 1 and "the config differs from the one" in proc.stderr and "train.seed" in proc.stderr
     mpo("train", config, "--output-dir", run, "--resume", ranks=ranks)
+    assert [r["step"] for r in rows(run)] == list(range(1, 7))  # rows logged after the checkpoint: not twice
     whole, resumed = load_file(str(tmp_path / "whole" / "final" / "model.safetensors")), \
         load_file(str(run / "final" / "model.safetensors"))
     assert whole.keys() == resumed.keys()
@@ -174,6 +177,51 @@ def test_non_finite_steps_are_skipped_not_applied(tmp_path, tiny_models, demo_da
     assert proc.returncode == 0, proc.stderr[-4000:]
     steps = json.loads(proc.stdout.strip().splitlines()[-1])
     assert steps == [[True, False], [False, True], [False, True], [True, False]]
+
+
+LEAK_DRIVER = """
+import hashlib, json, sys, torch
+from mpo.models.fused_head import PolicyWithLoss
+from mpo.train.config import load_config
+from mpo.train.trainer import Trainer
+poison, steps = json.loads(sys.argv[3]), json.loads(sys.argv[4])
+forward, state = PolicyWithLoss.forward, {"step": -1, "micro": 0}
+def poisoned(self, *a, **k):
+    loss, metrics = forward(self, *a, **k)
+    bad = state["micro"] in poison.get(str(state["step"]), [])
+    state["micro"] += 1
+    return (loss * float("nan") if bad else loss), metrics
+PolicyWithLoss.forward = poisoned
+t = Trainer(load_config(sys.argv[1]), sys.argv[2])
+applied = []
+for step in steps:
+    state.update(step=step, micro=0)
+    applied.append(t.train_step(step)["step_applied"])
+    assert state["micro"] >= 2, "the step needs several micro-batches"
+h = hashlib.sha256()
+for p in t.engine.module.parameters():
+    h.update(p.detach().float().numpy().tobytes())
+print(json.dumps([applied, h.hexdigest()]))
+"""
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_a_skipped_step_leaves_nothing_behind(tmp_path, tiny_models, demo_data, stage):
+    """Step 0 goes bad in its second micro-batch, after the first one's backward: the next step must
+    update the weights exactly as if step 0 had never run (no gradient of it kept anywhere)."""
+    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, deepspeed={"zero_stage": stage},
+                          data={"eval": ""}, train={"max_tokens_per_row": 256})
+
+    def drive(run, poison, steps):
+        proc = subprocess.run([sys.executable, "-c", LEAK_DRIVER, str(config), str(tmp_path / run), json.dumps(poison),
+                               json.dumps(steps)], capture_output=True, text=True, env=env(), timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    skipped = drive("a", {"0": [1]}, [0, 1])
+    clean = drive("b", {}, [1])
+    assert skipped[0] == [False, True] and clean[0] == [True]
+    assert skipped[1] == clean[1]
 
 
 def test_too_many_skipped_steps_stop_the_run(tmp_path, tiny_models, demo_data):

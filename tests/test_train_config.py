@@ -1,8 +1,10 @@
 """Training config: YAML, dotted overrides, validation naming the key, help text, shipped configs."""
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mpo.train.config import help_text, load_config
@@ -91,3 +93,34 @@ def test_demo_configs_match_the_built_in_demo(monkeypatch, tmp_path):
             for key, value in mine[section].items():
                 if key not in ("path", "train", "eval", "output_dir"):
                     assert shipped[section][key] == value, f"{name}: {section}.{key}"
+
+
+def test_weight_decay_groups_see_through_zero3_shards():
+    from mpo.train.engine import param_groups
+
+    lin = torch.nn.Linear(4, 3)
+    shard = torch.nn.Parameter(torch.empty(0))  # what ZeRO-3 leaves of a [3, 4] weight
+    shard.ds_shape = torch.Size([3, 4])
+    frozen = torch.nn.Parameter(torch.ones(2, 2), requires_grad=False)
+    module = torch.nn.Module()
+    module.lin, module.shard, module.frozen = lin, shard, frozen
+    decay, no_decay = param_groups(module, 0.05)
+    assert decay["weight_decay"] == 0.05 and {id(p) for p in decay["params"]} == {id(lin.weight), id(shard)}
+    assert no_decay["weight_decay"] == 0.0 and [id(p) for p in no_decay["params"]] == [id(lin.bias)]
+
+
+def test_deepspeed_json_may_not_change_what_the_trainer_derives(tmp_path):
+    from mpo.train.engine import deepspeed_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "overlap_comm": True}, "gradient_clipping": 1.0}))
+    cfg = load_config(None, REQUIRED + ["deepspeed.zero_stage=3", f"deepspeed.config={path}"])
+    merged = deepspeed_config(cfg, torch.bfloat16)
+    assert merged["zero_optimization"] == {"stage": 3, "overlap_comm": True} and merged["bf16"] == {"enabled": True}
+    cfg = load_config(None, REQUIRED + ["deepspeed.zero_stage=2", f"deepspeed.config={path}"])
+    with pytest.raises(ValueError, match="sets zero_optimization.stage = 3, but this run derives it \\(2\\) from "
+                                         "deepspeed.zero_stage"):
+        deepspeed_config(cfg, torch.bfloat16)
+    path.write_text(json.dumps({"bf16": {"enabled": True}}))
+    with pytest.raises(ValueError, match="sets bf16.enabled = True.*from model.dtype"):
+        deepspeed_config(load_config(None, REQUIRED + [f"deepspeed.config={path}"]), torch.float32)

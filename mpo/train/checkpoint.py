@@ -16,6 +16,7 @@ with the tokenizer and processor files of the original model folder.
 
 from __future__ import annotations
 
+import inspect
 import json
 import random
 import re
@@ -100,11 +101,12 @@ def load(engine, ckpt: Path, dist: Dist, *, zero_stage: int) -> dict:
         if trainable & set(missing):
             raise ValueError(f"{ckpt}: model.safetensors lacks trainable weights {sorted(trainable & set(missing))[:3]}")
     live = engine.optimizer.state_dict()
-    if isinstance(engine.optimizer, torch.optim.Optimizer) and not hasattr(engine.optimizer, "loss_scaler"):
-        engine.optimizer.load_state_dict(load_state(ckpt / f"optimizer.rank{dist.rank}", live))
-    else:  # DeepSpeed's optimizers take every rank's state (ZeRO 1-2 merge fp32 partitions)
+    if "load_from_fp32_weights" in inspect.signature(engine.optimizer.load_state_dict).parameters:
+        # ZeRO 1-3 and DeepSpeed's bf16 optimizer take every rank's state (and merge fp32 partitions)
         states = [load_state(ckpt / f"optimizer.rank{r}", live) for r in range(dist.world)]
         engine.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
+    else:  # torch optimizers and DeepSpeed's fp16 wrappers: this rank's own state
+        engine.optimizer.load_state_dict(load_state(ckpt / f"optimizer.rank{dist.rank}", live))
     rng = load_state(ckpt / f"rng.rank{dist.rank}")
     _set_rng_state(rng["tensors"], rng["plain"])
     return state

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,7 +45,9 @@ class PairSet:
 
     def __init__(self, path: str, renderer: Renderer, opts: PackingOptions, rejects: Rejects, dist: Dist):
         self.path, self.renderer, self.opts = path, renderer, opts
-        self.records = list(read_pairs(path, rejects))
+        # every rank reads every record; only rank 0 reports the ones rejected while reading
+        before = Counter(rejects.counts)
+        self.records = list(read_pairs(path, rejects if dist.main else Rejects(strict=rejects.strict)))
         mine, error = {}, None
         for i in range(dist.rank, len(self.records), dist.world):
             try:
@@ -58,7 +61,7 @@ class PairSet:
                 continue
             mine[i] = PairInfo(pair_cost(pair, opts.layout), len(pair.chosen_ids), len(pair.rejected_ids),
                                fingerprint(pair))
-        gathered = all_gather_objects((mine, error, dict(rejects.counts)))
+        gathered = all_gather_objects((mine, error, dict(Counter(rejects.counts) - before)))
         errors = [e for _, e, _ in gathered if e]
         if errors:
             raise DataError(errors[0])

@@ -62,8 +62,42 @@ def deepspeed_config(cfg: Config, dtype: torch.dtype) -> dict:
             extra = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"deepspeed.config: {path}:{e.lineno}: {e.msg}") from e
+        _check_owned(extra, config, path)
         _merge(config, extra)
     return config
+
+
+_ABSENT = object()
+# DeepSpeed entries the trainer derives from its own config (and relies on elsewhere: ZeRO-3 loading,
+# checkpoint layout, loss normalisation); a JSON may repeat them but not change them.
+OWNED = {("zero_optimization", "stage"): "deepspeed.zero_stage", ("bf16", "enabled"): "model.dtype",
+         ("fp16", "enabled"): "model.dtype", ("train_micro_batch_size_per_gpu",): "train.max_tokens_per_row",
+         ("gradient_accumulation_steps",): "train.global_batch_pairs", ("train_batch_size",): "train.global_batch_pairs",
+         ("gradient_clipping",): "optim.max_grad_norm", ("optimizer",): "the optim section",
+         ("scheduler",): "the optim section"}
+
+
+def _check_owned(extra: dict, generated: dict, path: Path) -> None:
+    for keys, instead in OWNED.items():
+        value, mine = extra, generated
+        for k in keys:
+            value = value.get(k, _ABSENT) if isinstance(value, dict) else _ABSENT
+            mine = mine.get(k, _ABSENT) if isinstance(mine, dict) else _ABSENT
+        if value is not _ABSENT and value != mine:
+            raise ValueError(f"deepspeed.config: {path} sets {'.'.join(keys)} = {value!r}, but this run derives it "
+                             f"({mine!r}) from {instead}: set that instead")
+
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters: matrices decay, biases and norms do not. Under ZeRO-3 a parameter is
+    an empty shard; its `ds_shape` is the real shape."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def freeze(model, cfg: Config) -> None:
@@ -120,13 +154,7 @@ def build(cfg: Config, dist: Dist, total_steps: int):
                         label_smoothing=cfg.loss.label_smoothing, softcap=logit_softcap(model), impl=cfg.loss.impl)
     policy = PolicyWithLoss(model, criterion, zero3=zero3, attention=cfg.model.attention)
 
-    decay, no_decay = [], []
-    for p in policy.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr,
+    optimizer = torch.optim.AdamW(param_groups(policy, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   fused=dist.device.type == "cuda" and not cfg.deepspeed.offload_optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -16,16 +16,33 @@ from pathlib import Path
 
 import torch
 
-# Dense bf16 peak FLOP/s by GPU name, for MFU (none known on CPUs: MFU is not reported there).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
-              "B200": 2250e12}
+# Dense bf16 peak FLOP/s by GPU name, first match wins (none known on CPUs: no MFU there).
+PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12),
+              ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("B200", 2250e12))
+NOT_LANGUAGE_MODEL = ("vision_tower", "vision_model", "multi_modal_projector", "embed_tokens", "wte.")
 
 
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return next((v for k, v in PEAK_FLOPS if k in name), None)
+
+
+def flops_per_token(module: torch.nn.Module, head: torch.nn.Parameter) -> int:
+    """Training FLOPs per row token counted for MFU: the language model's matmuls, 6 per trainable
+    parameter (forward, input and weight gradients) and 4 per frozen one (no weight gradient), the
+    LM head included, embeddings (a lookup), the vision tower and attention scores not: a lower bound."""
+    total, head_seen = 0, False
+    for name, p in module.named_parameters():
+        if p is head:
+            head_seen = True
+        elif any(part in name for part in NOT_LANGUAGE_MODEL):
+            continue
+        total += (6 if p.requires_grad else 4) * getattr(p, "ds_numel", p.numel())
+    if not head_seen:  # tied to the embeddings, which named_parameters lists under the embedding's name
+        total += (6 if head.requires_grad else 4) * getattr(head, "ds_numel", head.numel())
+    return total
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -43,6 +60,12 @@ class MetricsLog:
         self.writer = self.bar = None
         if not main:
             return
+        if start_step and self.path.is_file():  # resumed: rows logged after the checkpoint are redone
+            kept = [line for line in self.path.read_text(encoding="utf-8").split("\n")
+                    if line and json.loads(line)["step"] <= start_step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            tmp.replace(self.path)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

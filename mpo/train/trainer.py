@@ -11,13 +11,15 @@ pairs; the step itself uses the shift of the steps before it. (The MPO authors' 
 micro-batch's mean before using it, which makes the loss depend on the micro-batch split; a
 split-invariant loss needs the one-step lag.)
 
-A step is skipped, counted and never applied when a loss on any rank (checked, all ranks agreeing,
-before each backward) or the gradient norm (DeepSpeed's check) is not finite; too many in a row stop
-the run.
+A step is skipped, counted and never applied when its gradients are not finite on any rank (a
+non-finite loss makes them so): ZeRO stages 1-3 find it in DeepSpeed's gradient-norm check, which
+also drops every gradient the step accumulated; at stage 0 the trainer checks the gradients and
+all ranks agree. Too many in a row stop the run.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from pathlib import Path
@@ -33,7 +35,8 @@ from mpo.train.config import Config, dump
 from mpo.train.data import PairSet, TrainPlan, blank_row
 from mpo.train.distributed import Dist, all_gather_objects, all_sum, barrier, init
 from mpo.train.engine import build, deepspeed_config, train_dtype
-from mpo.train.metrics import MetricsLog, peak_flops, peak_memory_gb
+from mpo.models.loading import lm_head
+from mpo.train.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_gb
 from mpo.train.reference import ReferenceModel, build_cache, cache_key, load_cache
 
 # Accumulated per micro-batch as sums, then divided by the step's pair count (MEANS) or not (loss/sft).
@@ -60,6 +63,8 @@ class Trainer:
                              "or choose another --output-dir")
         if resume and not found:
             raise ValueError(f"--resume: no checkpoint-<step> folder in {self.run_dir}")
+        if resume:
+            _check_resumable(cfg, found[-1])
         if self.dist.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if train:
@@ -80,7 +85,7 @@ class Trainer:
         self._prepare_reference()
         if train:
             self.engine, self.scheduler, _ = build(cfg, self.dist, self.total_steps)
-            self.flops_per_token = 6 * sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
+            self.flops_per_token = flops_per_token(self.engine.module, lm_head(self.engine.module.model).weight)
 
     # --- reference log-probs ------------------------------------------------------------------------------
 
@@ -104,8 +109,11 @@ class Trainer:
         if self.cfg.loss.reference == "online":
             self.online = self._reference_model()
             return
+        # what the values depend on besides weights and data: rendering, packing, and the numerics
         rendering = {"packing": self.packing.layout, "max_tokens": self.packing.max_tokens,
-                     "overlong": self.packing.overlong, "max_patches": self.cfg.data.max_patches}
+                     "overlong": self.packing.overlong, "max_patches": self.cfg.data.max_patches,
+                     "dtype": str(self.dtype).removeprefix("torch."), "attention": self.cfg.model.attention,
+                     "device": self.dist.device.type}
         model_path = self.cfg.loss.reference_model or self.cfg.model.path
         reference = None
         for split, pairs in splits.items():
@@ -150,6 +158,14 @@ class Trainer:
         totals = dict(zip(names, all_sum([acc.get(n, 0.0) for n in names], self.dist.device)))
         return {n: v / pair_count if self._per_pair(n) else v for n, v in totals.items()}
 
+    def _gradients_finite(self) -> bool:
+        """ZeRO stage 0 keeps plain gradients and steps a plain optimizer: check them (all ranks agree)."""
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        finite = bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))) if grads else True
+        flag = torch.tensor([1.0 if finite else 0.0], device=self.dist.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+
     def metric_names(self) -> list[str]:
         return ["loss", *(f"loss/{t}" for t in self.cfg.loss.types), *MEANS, "row_tokens"]
 
@@ -159,25 +175,24 @@ class Trainer:
         pair_count, tokens = len(pairs), self.train_pairs.chosen_tokens(pairs)
         shift = self.engine.module.criterion.reward_shift
         delta = shift.value
-        acc, bad, rounds = {}, False, max(len(rows) for rows in dealt)
+        acc, rounds = {}, max(len(rows) for rows in dealt)
         self.engine.train()
         for k, batch in enumerate(self._micro_batches(self.train_pairs, dealt)):
             ref_c, ref_r = self.reference_sums("train", batch)
             self.engine.set_gradient_accumulation_boundary(k == rounds - 1)
             loss, metrics = self.engine(batch, ref_c, ref_r, pair_count=pair_count, chosen_token_count=tokens,
                                         scale=self.dist.world)
-            finite = torch.tensor([1.0 if torch.isfinite(loss).item() else 0.0], device=self.dist.device)
-            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-            if finite.item() and not bad:
-                self.engine.backward(loss, scale_wrt_gas=False)
-            bad |= not finite.item()
+            # always backward: a non-finite loss makes non-finite gradients, and the step is then
+            # skipped as a whole (below), with every accumulated gradient of the step dropped
+            self.engine.backward(loss, scale_wrt_gas=False)
             acc["loss"] = acc.get("loss", 0.0) + loss.item() / self.dist.world
             acc["row_tokens"] = acc.get("row_tokens", 0.0) + batch.num_tokens * (batch.num_pairs > 0)
             self._accumulate(acc, metrics, batch.num_pairs)
-        if bad:
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler moves on in step())
+        if self.cfg.deepspeed.zero_stage == 0 and not self._gradients_finite():
             self.engine.optimizer.zero_grad()
             applied = False
-        else:
+        else:  # ZeRO 1-3 check the gradient norm themselves and skip (and clear) a non-finite step
             self.engine.step()
             applied = self.engine.was_step_applied()
         out = self._global(acc, self.metric_names(), pair_count)
@@ -185,7 +200,7 @@ class Trainer:
             mean_reward = (out["rewards/chosen"] + out["rewards/rejected"]) / 2
             shift.update(torch.tensor([mean_reward], device=self.dist.device))
         seconds = time.perf_counter() - start
-        out.update({"reward_shift": delta, "lr": self.scheduler.get_last_lr()[0], "pairs": pair_count,
+        out.update({"reward_shift": delta, "lr": lr, "pairs": pair_count,
                     "pairs/s": pair_count / seconds, "tokens/s/gpu": out["row_tokens"] / seconds / self.dist.world,
                     "peak_memory_gb": peak_memory_gb(self.dist.device), "step_applied": applied})
         peak = peak_flops(self.dist.device)
@@ -212,7 +227,7 @@ class Trainer:
     # --- the run ------------------------------------------------------------------------------------------
 
     def _state(self, step: int, skipped: int, consecutive: int) -> dict:
-        return {"step": step, "skipped_steps": skipped, "consecutive_skipped": consecutive,
+        return {"step": step, "skipped_steps": skipped, "consecutive_skipped": consecutive, "config": self.cfg.to_dict(),
                 "world_size": self.dist.world, "scheduler": self.scheduler.state_dict(),
                 "reward_shift": self.engine.module.criterion.reward_shift.state_dict()}
 
@@ -265,6 +280,25 @@ class Trainer:
                                                            zero_stage=cfg.deepspeed.zero_stage))
         summary["skipped_steps"] = skipped
         return summary
+
+
+# What may change between a run and its resumption: where and how often it reports and saves.
+RESUME_MAY_CHANGE = ("train.output_dir", "train.eval_every", "data.eval", "data.strict", "logging.", "checkpoint.")
+
+
+def _check_resumable(cfg: Config, ckpt: Path) -> None:
+    """An exact resume replays the same plan: refuse a config that would change it."""
+    saved = json.loads((ckpt / "trainer.json").read_text()).get("config")
+    if saved is None:
+        return
+    now = cfg.to_dict()
+    changed = [f"{section}.{key}" for section in now for key in now[section]
+               if saved.get(section, {}).get(key) != now[section][key]
+               and not f"{section}.{key}".startswith(RESUME_MAY_CHANGE)]
+    if changed:
+        raise ValueError(f"--resume: the config differs from the one {ckpt} was trained with in "
+                         f"{', '.join(changed)}; resume with the run's config.yaml (only logging, checkpoint, "
+                         "evaluation and the output folder may change)")
 
 
 def reference_caches(cfg: Config) -> dict[str, Path]:
