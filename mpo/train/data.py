@@ -2,7 +2,9 @@
 
 All ranks read the records (same order, same numbering as `mpo logps`); each renders its shard
 (pairs i with i % world == rank) to learn every pair's row cost, scored token counts and
-fingerprint, and the shards are all-gathered. Pairs that fail to render are rejected once, on the
+fingerprint, and the shards are all-gathered. Rank 0 writes what was learnt to an index in the
+run folder, keyed by the data files, the tokenizer and processor files and the rendering options,
+so a resumed run (or `mpo train` after `mpo ref-logps`) does not render everything again. Pairs that fail to render are rejected once, on the
 rank that rendered them (counted on every rank after the gather).
 
 Step s of epoch e = s // steps_per_epoch takes the next `global_batch_pairs` pairs of a seeded
@@ -14,10 +16,13 @@ data an uninterrupted one would.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import random
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,7 +34,7 @@ from mpo.data.plan import plan_packing
 from mpo.data.records import BadPair, DataError, Rejects
 from mpo.data.render import Renderer
 from mpo.pair_logps import fingerprint
-from mpo.train.distributed import Dist, all_gather_objects
+from mpo.train.distributed import Dist, all_gather_objects, barrier
 
 
 @dataclass(frozen=True)
@@ -43,11 +48,20 @@ class PairInfo:
 class PairSet:
     """The pairs of one data source, rendered once for their costs (sharded over ranks)."""
 
-    def __init__(self, path: str, renderer: Renderer, opts: PackingOptions, rejects: Rejects, dist: Dist):
+    def __init__(self, path: str, renderer: Renderer, opts: PackingOptions, rejects: Rejects, dist: Dist,
+                 index: Path | None = None, key: dict | None = None):
         self.path, self.renderer, self.opts = path, renderer, opts
         # every rank reads every record; only rank 0 reports the ones rejected while reading
         before = Counter(rejects.counts)
         self.records = list(read_pairs(path, rejects if dist.main else Rejects(strict=rejects.strict)))
+        if index is not None and self._load_index(index, key):
+            return
+        self._render_all(rejects, before, dist)
+        if index is not None and dist.main:
+            self._save_index(index, key)
+        barrier()
+
+    def _render_all(self, rejects: Rejects, before: Counter, dist: Dist) -> None:
         mine, error = {}, None
         for i in range(dist.rank, len(self.records), dist.world):
             try:
@@ -59,7 +73,7 @@ class PairSet:
                     error = str(e)
                     break
                 continue
-            mine[i] = PairInfo(pair_cost(pair, opts.layout), len(pair.chosen_ids), len(pair.rejected_ids),
+            mine[i] = PairInfo(pair_cost(pair, self.opts.layout), len(pair.chosen_ids), len(pair.rejected_ids),
                                fingerprint(pair))
         gathered = all_gather_objects((mine, error, dict(Counter(rejects.counts) - before)))
         errors = [e for _, e, _ in gathered if e]
@@ -73,7 +87,30 @@ class PairSet:
                 self.rejected[reason] = self.rejected.get(reason, 0) + n
         self.valid = sorted(self.info)
         if not self.valid:
-            raise ValueError(f"{path}: no valid preference pairs (rejected: {self.rejected or 'none'})")
+            raise ValueError(f"{self.path}: no valid preference pairs (rejected: {self.rejected or 'none'})")
+
+    def _save_index(self, path: Path, key: dict) -> None:
+        """Every pair's costs, token counts and fingerprint, so a resumed run need not render again."""
+        from mpo.pair_logps import save_atomic
+
+        rows = torch.tensor([[i, *dataclasses.astuple(self.info[i])] for i in self.valid], dtype=torch.int64)
+        save_atomic({"pairs": rows}, path, {"key": json.dumps(key, sort_keys=True), "records": str(len(self.records)),
+                                            "rejected": json.dumps(self.rejected)})
+
+    def _load_index(self, path: Path, key: dict) -> bool:
+        """Take the index when it was made from these records the same way (else render again)."""
+        from safetensors import safe_open
+
+        if not path.is_file():
+            return False
+        with safe_open(str(path), "pt") as f:
+            meta, rows = f.metadata(), f.get_tensor("pairs")
+        if meta.get("key") != json.dumps(key, sort_keys=True) or meta.get("records") != str(len(self.records)):
+            return False
+        self.info = {int(r[0]): PairInfo(*map(int, r[1:])) for r in rows}
+        self.rejected = json.loads(meta["rejected"])
+        self.valid = sorted(self.info)
+        return bool(self.valid)
 
     def render(self, index: int):
         pair = self.renderer.render(self.records[index], index)

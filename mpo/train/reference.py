@@ -65,6 +65,14 @@ def cache_key(reference_model: str, data: str, packing: dict) -> dict:
             "rendering": packing}
 
 
+def pairs_key(model: str, data: str, rendering: dict) -> dict:
+    """What rendering pairs depends on: the data files, the tokenizer and processor files (not the
+    weights) and the rendering options."""
+    files = [p for p in Path(model).iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES
+             and p.suffix not in (".safetensors", ".bin")]
+    return {"data": _tree_digest(data_files(Path(data))), "processing": _tree_digest(files), "rendering": rendering}
+
+
 class ReferenceModel:
     """A frozen model giving per-sequence log-prob sums of packed rows."""
 

@@ -37,7 +37,7 @@ from mpo.train.distributed import Dist, all_gather_objects, all_sum, barrier, in
 from mpo.train.engine import build, deepspeed_config, train_dtype
 from mpo.models.loading import lm_head
 from mpo.train.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_gb
-from mpo.train.reference import ReferenceModel, build_cache, cache_key, load_cache
+from mpo.train.reference import ReferenceModel, build_cache, cache_key, load_cache, pairs_key
 
 # Accumulated per micro-batch as sums, then divided by the step's pair count (MEANS) or not (loss/sft).
 MEANS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -73,10 +73,12 @@ class Trainer:
         self.renderer = Renderer(cfg.model.path, max_patches=cfg.data.max_patches)
         self.packing = PackingOptions(cfg.data.packing, cfg.train.max_tokens_per_row, cfg.data.overlong)
         name = "rejects.jsonl" if self.dist.world == 1 else f"rejects.rank{self.dist.rank}.jsonl"
-        self.rejects = Rejects(self.run_dir / name, strict=cfg.data.strict)
-        self.train_pairs = PairSet(cfg.data.train, self.renderer, self.packing, self.rejects, self.dist)
-        self.eval_pairs = (PairSet(cfg.data.eval, self.renderer, self.packing, self.rejects, self.dist)
-                           if cfg.data.eval else None)
+        # the run's first start lists the rejected records; a resumed one keeps that list as it is
+        self.rejects = Rejects(None if resume else self.run_dir / name, strict=cfg.data.strict)
+        self.rendering = {"packing": self.packing.layout, "max_tokens": self.packing.max_tokens,
+                          "overlong": self.packing.overlong, "max_patches": cfg.data.max_patches}
+        self.train_pairs = self._pairs("train", cfg.data.train)
+        self.eval_pairs = self._pairs("eval", cfg.data.eval) if cfg.data.eval else None
         self.plan = TrainPlan(self.train_pairs, seed=cfg.train.seed, global_batch_pairs=cfg.train.global_batch_pairs,
                               window=cfg.data.shuffle_window)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.plan.steps_per_epoch
@@ -86,6 +88,11 @@ class Trainer:
         if train:
             self.engine, self.scheduler, _ = build(cfg, self.dist, self.total_steps)
             self.flops_per_token = flops_per_token(self.engine.module, lm_head(self.engine.module.model).weight)
+
+    def _pairs(self, split: str, data: str) -> PairSet:
+        key = all_gather_objects(pairs_key(self.cfg.model.path, data, self.rendering) if self.dist.main else None)[0]
+        return PairSet(data, self.renderer, self.packing, self.rejects, self.dist,
+                       index=self.run_dir / f"pairs.{split}.safetensors", key=key)
 
     # --- reference log-probs ------------------------------------------------------------------------------
 
@@ -110,10 +117,8 @@ class Trainer:
             self.online = self._reference_model()
             return
         # what the values depend on besides weights and data: rendering, packing, and the numerics
-        rendering = {"packing": self.packing.layout, "max_tokens": self.packing.max_tokens,
-                     "overlong": self.packing.overlong, "max_patches": self.cfg.data.max_patches,
-                     "dtype": str(self.dtype).removeprefix("torch."), "attention": self.cfg.model.attention,
-                     "device": self.dist.device.type}
+        rendering = {**self.rendering, "dtype": str(self.dtype).removeprefix("torch."),
+                     "attention": self.cfg.model.attention, "device": self.dist.device.type}
         model_path = self.cfg.loss.reference_model or self.cfg.model.path
         reference = None
         for split, pairs in splits.items():
