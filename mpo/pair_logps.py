@@ -15,28 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
+from mpo.atomic import save_atomic
 from mpo.data.pipeline import WINDOW, PackingOptions, PipelineCounts, packed_rows, rendered_pairs
 from mpo.data.records import Rejects
 from mpo.data.render import RenderedPair, Renderer
 from mpo.models.loading import load_model, pair_logps
-
-
-def save_atomic(tensors: dict, path: Path, metadata: dict) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def fingerprint(pair: RenderedPair) -> int:

@@ -127,7 +127,7 @@ def _mmpr_pair(obj: dict, root: Path, source: str, max_patches: int | None) -> P
     else:
         raise BadPair("bad_field", "image must be a string or a list of strings")
     images = tuple(str(_existing_image(root / name)) for name in names)
-    question = _with_placeholders(question, len(images))
+    question = with_placeholders(question, len(images))
     check_responses(chosen, rejected)
     return PreferencePair(({"role": "user", "content": question},), chosen, rejected, images, source,
                           max_patches)
@@ -167,7 +167,7 @@ def _trl_pair(obj: dict, base: Path, source: str) -> PreferencePair:
     if images and not any(IMAGE_TOKEN in m["content"] for m in messages):
         first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), 0)
         messages[first_user] = {**messages[first_user],
-                                "content": _with_placeholders(messages[first_user]["content"], len(images))}
+                                "content": with_placeholders(messages[first_user]["content"], len(images))}
     found = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
     if found != len(images):
         raise BadPair("image_mismatch", f"{found} placeholders for {len(images)} images")
@@ -270,12 +270,13 @@ def _text_field(obj: dict, key: str) -> str:
     return obj[key]
 
 
-def _with_placeholders(text: str, n_images: int) -> str:
+def with_placeholders(text: str, n_images: int) -> str:
+    """One IMAGE_TOKEN per image: prepended when the text has none (as MMPR does), else checked."""
     found = text.count(IMAGE_TOKEN)
     if n_images and not found:
         return f"{IMAGE_TOKEN}\n" * n_images + text
     if found != n_images:
-        raise BadPair("image_mismatch", f"{found} placeholders for {n_images} images")
+        raise BadPair("image_mismatch", f"{found} {IMAGE_TOKEN} placeholders for {n_images} images")
     return text
 
 

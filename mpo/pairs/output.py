@@ -23,6 +23,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+from mpo.atomic import write_text_atomic
 from mpo.data.records import DataError
 
 
@@ -130,6 +131,4 @@ def _place(src: Path, image_root: Path, images_dir: Path, placed: dict, how: str
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")

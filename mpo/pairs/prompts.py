@@ -19,7 +19,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from mpo.data.records import IMAGE_TOKEN, DataError
+from mpo.data.formats import with_placeholders
+from mpo.data.records import BadPair, DataError
 
 
 @dataclass(frozen=True)
@@ -81,11 +82,10 @@ def _record(row: dict, where: str, line_no: int, need: str, root: Path) -> Promp
     for p in images:
         if not p.is_file():
             raise DataError(f"{where}: image not found: {p}")
-    placeholders = question.count(IMAGE_TOKEN)
-    if images and placeholders == 0:
-        question = "\n".join([IMAGE_TOKEN] * len(images) + [question])
-    elif placeholders != len(images):
-        raise DataError(f"{where}: {placeholders} {IMAGE_TOKEN} placeholders for {len(images)} images")
+    try:
+        question = with_placeholders(question, len(images))
+    except BadPair as bad:
+        raise DataError(f"{where}: {bad.detail}") from None
     ident = row.get("id", line_no)
     if not isinstance(ident, (str, int)) or isinstance(ident, bool):
         raise DataError(f"{where}: 'id' must be a string or an integer")

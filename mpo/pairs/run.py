@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from mpo.atomic import write_text_atomic
 from mpo.pairs.output import ResultLog, write_mmpr
 from mpo.pairs.prompts import PromptRecord
 
@@ -52,7 +53,7 @@ def build(records: list[PromptRecord], out_dir: str | Path, *, name: str, image_
     OUT: finished prompts are only skipped when they were made the same way."""
     from tqdm import tqdm
 
-    check_settings(Path(out_dir), {"name": name, **settings}, ranks.rank)
+    check_settings(Path(out_dir), {"name": name, **settings})
     log = ResultLog(out_dir, ranks.rank)
     try:
         mine = [r for k, r in enumerate(records) if k % ranks.world == ranks.rank and r.id not in log.finished]
@@ -73,7 +74,7 @@ def build(records: list[PromptRecord], out_dir: str | Path, *, name: str, image_
     return counts
 
 
-def check_settings(out_dir: Path, settings: dict, rank: int) -> None:
+def check_settings(out_dir: Path, settings: dict) -> None:
     """OUT/work/settings.json: written by the first run, compared by every later one."""
     path = out_dir / "work" / "settings.json"
     settings = json.loads(json.dumps(settings))  # as it reads back (tuples -> lists)
@@ -84,7 +85,4 @@ def check_settings(out_dir: Path, settings: dict, rank: int) -> None:
             raise ValueError(f"{out_dir} holds results made with other settings ({', '.join(changed)} differ): "
                              "use another --out, or the same settings to resume")
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"settings.json.rank{rank}.tmp")
-    tmp.write_text(json.dumps(settings, indent=2) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(settings, indent=2) + "\n")

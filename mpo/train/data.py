@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mpo.atomic import save_atomic
 from mpo.data.formats import read_pairs
 from mpo.data.packing import IGNORE, PackedBatch, fit_to_budget, pack_row, pair_cost
 from mpo.data.pipeline import PackingOptions
@@ -50,7 +51,7 @@ class PairSet:
 
     def __init__(self, path: str, renderer: Renderer, opts: PackingOptions, rejects: Rejects, dist: Dist,
                  index: Path | None = None, key: dict | None = None):
-        self.path, self.renderer, self.opts = path, renderer, opts
+        self.path, self.renderer, self.opts, self.key = path, renderer, opts, key
         # every rank reads every record; only rank 0 reports the ones rejected while reading
         before = Counter(rejects.counts)
         self.records = list(read_pairs(path, rejects if dist.main else Rejects(strict=rejects.strict)))
@@ -91,8 +92,6 @@ class PairSet:
 
     def _save_index(self, path: Path, key: dict) -> None:
         """Every pair's costs, token counts and fingerprint, so a resumed run need not render again."""
-        from mpo.pair_logps import save_atomic
-
         rows = torch.tensor([[i, *dataclasses.astuple(self.info[i])] for i in self.valid], dtype=torch.int64)
         save_atomic({"pairs": rows}, path, {"key": json.dumps(key, sort_keys=True), "records": str(len(self.records)),
                                             "rejected": json.dumps(self.rejected)})

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from mpo.atomic import write_text_atomic
+
 # Dense bf16 peak FLOP/s by GPU name, first match wins (none known on CPUs: no MFU there).
 PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12),
               ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("B200", 2250e12))
@@ -63,9 +65,7 @@ class MetricsLog:
         if start_step and self.path.is_file():  # resumed: rows logged after the checkpoint are redone
             kept = [line for line in self.path.read_text(encoding="utf-8").split("\n")
                     if line and json.loads(line)["step"] <= start_step]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-            tmp.replace(self.path)
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -24,7 +24,7 @@ import torch
 
 from mpo.logprobs import linear_sequence_logps
 from mpo.models.loading import lm_head, load_model, logit_softcap, packed_hidden_states
-from mpo.pair_logps import save_atomic
+from mpo.atomic import save_atomic
 from mpo.train.data import PairSet, blank_row
 from mpo.train.distributed import Dist, all_gather_objects, barrier
 
@@ -58,11 +58,10 @@ def data_files(path: Path) -> list[Path]:
     return [path]
 
 
-def cache_key(reference_model: str, data: str, packing: dict) -> dict:
+def cache_key(reference_model: str, data_digest: str, rendering: dict) -> dict:
     model_dir = Path(reference_model)
     model_files = [p for p in model_dir.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES]
-    return {"reference_model": _tree_digest(model_files), "data": _tree_digest(data_files(Path(data))),
-            "rendering": packing}
+    return {"reference_model": _tree_digest(model_files), "data": data_digest, "rendering": rendering}
 
 
 def pairs_key(model: str, data: str, rendering: dict) -> dict:

@@ -122,7 +122,7 @@ class Trainer:
         model_path = self.cfg.loss.reference_model or self.cfg.model.path
         reference = None
         for split, pairs in splits.items():
-            key = all_gather_objects(cache_key(model_path, pairs.path, rendering) if self.dist.main else None)[0]
+            key = all_gather_objects(cache_key(model_path, pairs.key["data"], rendering) if self.dist.main else None)[0]
             path = self.cache_path(split)
             if not path.is_file():
                 reference = reference or self._reference_model()
