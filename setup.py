@@ -1,7 +1,5 @@
 """Install script.
 
-- `kernels/` ships as `mpo.kernels`: a top-level `kernels` module would shadow an unrelated PyPI
-  package that transformers probes for.
 - The native helper `mpo._native` (csrc/, the packing planner) is built with CMake and pybind11;
   `mpo.data.plan_packing` falls back to its pure-Python twin when the module is missing.
 """
@@ -53,8 +51,7 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["mpo", "mpo.*"]) + ["mpo.kernels"],
-    package_dir={"mpo.kernels": "kernels"},
+    packages=find_packages(include=["mpo", "mpo.*"]),
     ext_modules=[CMakeExtension("mpo._native")],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=[

@@ -21,7 +21,8 @@ def test_env_reports_the_dispatch(capsys):
 
 
 def test_kernels_ship_inside_mpo():
-    """`kernels/` installs as mpo.kernels; a top-level `kernels` would shadow another PyPI package."""
+    """The Triton kernels are mpo.kernels: a top-level `kernels` (in the checkout or installed) would
+    shadow the PyPI package of that name, which transformers imports."""
     import importlib.metadata
 
     import mpo.kernels
