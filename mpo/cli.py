@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -109,6 +110,38 @@ def _data(args: argparse.Namespace) -> int:
         print(f"{result['valid']} valid pairs; {rejects.summary()}")
     else:
         _print_stats(result)
+    return 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    from mpo.data.formats import DataSource
+    from mpo.data.index import PairIndex, build_index, index_key, index_path
+    from mpo.data.records import Rejects
+
+    _quiet_transformers()
+    rendering = {"packing": args.packing, "max_tokens": args.max_tokens, "overlong": args.overlong,
+                 "max_patches": args.max_patches}
+    key = index_key(args.model, args.data, rendering)
+    path = index_path(args.index_dir, key)
+    if PairIndex.load(path, key) is not None:
+        print(f"{path} already indexes this data for this model and rendering")
+        return 0
+    rejects = Rejects(path.with_name(path.stem + ".rejects.jsonl"), strict=args.strict)
+
+    def progress(n):
+        print(f"\r{n} pairs", end="", file=sys.stderr, flush=True)
+
+    try:
+        index = build_index(DataSource(args.data), args.model, rendering, rejects, key, workers=args.workers,
+                            progress=progress)
+        index.save(path)
+    finally:
+        rejects.close()
+        print(file=sys.stderr)
+    print(f"wrote {path}: {len(index.valid)}/{len(index)} pairs valid in {index.seconds:.1f} s "
+          f"({len(index) / index.seconds:.0f} pairs/s, {args.workers} workers); {rejects.summary()}\n"
+          f"train with data.index_dir={args.index_dir} and the same packing, max_tokens_per_row, overlong "
+          "and max_patches")
     return 0
 
 
@@ -326,6 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print JSON")
         p.add_argument("--output-dir", help="write rejects.jsonl (skipped records and reasons) here")
         p.set_defaults(handler=_data)
+    p = data_sub.add_parser("index", help="build the pair index (token counts, image tiles, record locations) that "
+                                          "mpo train reuses: once, on a CPU node, ahead of training")
+    _add_packing_args(p)
+    p.add_argument("--max-patches", type=int, help="image tiles per pair (default: the dataset's or processor's)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="rendering processes (0: in this one)")
+    p.add_argument("--index-dir", required=True, help="folder of indexes (the trainer's data.index_dir)")
+    p.set_defaults(handler=_index)
     return parser
 
 

@@ -13,7 +13,6 @@ temporary file and renamed, so a crash never leaves a half-written file behind.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -21,19 +20,11 @@ from pathlib import Path
 import torch
 
 from mpo.atomic import save_atomic
+from mpo.data.index import fingerprint
 from mpo.data.pipeline import WINDOW, PackingOptions, PipelineCounts, packed_rows, rendered_pairs
 from mpo.data.records import Rejects
-from mpo.data.render import RenderedPair, Renderer
+from mpo.data.render import Renderer
 from mpo.models.loading import load_model, pair_logps
-
-
-def fingerprint(pair: RenderedPair) -> int:
-    """63-bit hash of a rendered pair's token ids (prompt, chosen, rejected); never 0."""
-    h = hashlib.blake2b(digest_size=8)
-    for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
-        h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
-        h.update(b"|")
-    return (int.from_bytes(h.digest(), "little") >> 1) or 1
 
 
 @torch.no_grad()

@@ -20,33 +20,132 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from mpo.data.records import IMAGE_TOKEN, BadPair, PreferencePair, Rejects, check_responses
+from mpo.data.records import IMAGE_TOKEN, BadPair, DataError, PreferencePair, Rejects, check_responses
 
 
-def read_pairs(path: str | Path, rejects: Rejects, *, split: str = "train", seed: int = 0) -> Iterator[PreferencePair]:
+@dataclass(frozen=True)
+class Source:
+    """One file records are read from, and how its records become pairs."""
+    kind: str  # "mmpr" (an MMPR annotation file), "jsonl", "parquet" or "dataset" (TRL-style records)
+    path: Path
+    root: Path  # images resolve against it
+    repeat: float = 1.0
+    max_patches: int | None = None
+    sample_seed: str = ""
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a pair's record is: the source's number, the line's byte offset (a file of lines) or
+    the row's number (Parquet, datasets), and the line or row number reported in messages."""
+    source: int
+    offset: int
+    line: int
+
+
+class DataSource:
+    """A data source's files (found from the path alone, without reading records), its pairs in
+    data order with their locations, and a record read back from its location."""
+
+    def __init__(self, path: str | Path, *, split: str = "train", seed: int = 0):
+        self.path, self.split = Path(path), split
+        if not self.path.exists():
+            raise FileNotFoundError(f"preference data not found: {self.path}")
+        if self.path.is_dir():
+            self.sources = [Source("dataset", self.path, self.path)]
+        elif self.path.suffix == ".json":
+            self.sources = _mmpr_meta_sources(self.path, seed)
+        elif self.path.suffix == ".jsonl":
+            mmpr = bool(_first_record_keys(self.path) & {"question"})
+            self.sources = [Source("mmpr" if mmpr else "jsonl", self.path, self.path.parent)]
+        elif self.path.suffix == ".parquet":
+            self.sources = [Source("parquet", self.path, self.path.parent)]
+        else:
+            raise ValueError(f"{self.path}: unknown data format (expected an MMPR meta .json, .jsonl, "
+                             ".parquet or a folder saved by `datasets`)")
+        self._open: dict = {}  # per process: open files, datasets, the last Parquet row group read
+
+    def __getstate__(self):  # worker processes open their own files
+        return {**self.__dict__, "_open": {}}
+
+    def pairs(self, rejects: Rejects) -> Iterator[tuple[Location, PreferencePair]]:
+        """Every valid pair with its location, in data order; bad records go to `rejects`."""
+        for number, src in enumerate(self.sources):
+            for offset, line, raw in self._rows(src):
+                where = Location(number, offset, line)
+                try:
+                    yield where, self._pair(src, where, raw)
+                except BadPair as bad:
+                    text = raw.decode("utf-8", "replace").rstrip("\r\n") if isinstance(raw, bytes) else None
+                    rejects.add(self._source_name(src, line), bad, text or _json_or_repr(raw))
+
+    def read(self, where: Location) -> PreferencePair:
+        """The pair at `where` (it was valid when located; a file changed since is an error)."""
+        src = self.sources[where.source]
+        try:
+            if src.kind in ("mmpr", "jsonl"):
+                raw = _line_at(self._cached(src.path, lambda: os.open(src.path, os.O_RDONLY)), where.offset)
+            elif src.kind == "parquet":
+                raw = self._parquet_row(src.path, where.offset)
+            else:
+                raw = self._cached(src.path, lambda: _load_dataset(src.path, self.split))[where.offset]
+            return self._pair(src, where, raw)
+        except (BadPair, IndexError, OSError) as e:
+            raise DataError(f"{self._source_name(src, where.line)}: the record no longer reads as it did "
+                            f"when the data was indexed ({e}); the data changed: index it again") from None
+
+    def _pair(self, src: Source, where: Location, raw) -> PreferencePair:
+        name = self._source_name(src, where.line)
+        obj = _parse_object(_decode(raw)) if isinstance(raw, bytes) else raw
+        if src.kind == "mmpr":
+            return _mmpr_pair(obj, src.root, name, src.max_patches)
+        return _trl_pair(obj, src.root, name)
+
+    @staticmethod
+    def _source_name(src: Source, line: int) -> str:
+        return f"{src.path}:{line}" if src.kind in ("mmpr", "jsonl") else f"{src.path}:row {line}"
+
+    def _rows(self, src: Source) -> Iterator[tuple[int, int, object]]:
+        """(offset, line or row number, the line's bytes or the row's dict) of a source, in order."""
+        if src.kind in ("mmpr", "jsonl"):
+            for keep in _passes(src.path, src.repeat, src.sample_seed):
+                yield from _lines(src.path, keep)
+        else:
+            parquet = src.kind == "parquet"
+            rows = _parquet_records(src.path) if parquet else _load_dataset(src.path, self.split)
+            yield from ((row - 1, row, record) for row, record in enumerate(rows, 1))
+
+    def _cached(self, key, make):
+        if self._open.get("pid") != os.getpid():  # a forked worker must not share file offsets
+            self._open = {"pid": os.getpid()}
+        if key not in self._open:
+            self._open[key] = make()
+        return self._open[key]
+
+    def _parquet_row(self, path: Path, row: int) -> dict:
+        import bisect
+
+        f = self._cached(path, lambda: _parquet_file(path))
+        starts = self._cached((path, "starts"), lambda: _row_group_starts(f))
+        group = bisect.bisect_right(starts, row) - 1
+        cached = self._open.get((path, "group"))
+        if cached is None or cached[0] != group:
+            cached = self._open[(path, "group")] = (group, f.read_row_group(group).to_pylist())
+        return cached[1][row - starts[group]]
+
+
+def read_pairs(path: str | Path, rejects: Rejects, *, split: str = "train",
+               seed: int = 0) -> Iterator[PreferencePair]:
     """Every valid pair of a data source, in data order; bad records go to `rejects`.
     seed: for MMPR's fractional repeat_time samples."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"preference data not found: {path}")
-    if path.is_dir():
-        yield from _read_trl_rows(_dataset_rows(path, split), path, path, rejects)
-    elif path.suffix == ".json":
-        yield from _read_mmpr_meta(path, rejects, seed)
-    elif path.suffix == ".jsonl":
-        if _first_record_keys(path) & {"question"}:
-            yield from _read_mmpr_annotation(path, path.parent, 1.0, None, rejects, 0)
-        else:
-            yield from _read_trl_rows(_jsonl_rows(path), path, path.parent, rejects)
-    elif path.suffix == ".parquet":
-        yield from _read_trl_rows(_parquet_rows(path), path, path.parent, rejects)
-    else:
-        raise ValueError(f"{path}: unknown data format (expected an MMPR meta .json, .jsonl, .parquet "
-                         "or a folder saved by `datasets`)")
+    for _, pair in DataSource(path, split=split, seed=seed).pairs(rejects):
+        yield pair
 
 
 # --- MMPR -------------------------------------------------------------------------------------------------
@@ -59,13 +158,14 @@ def _resolve(meta_dir: Path, relative: str) -> Path:
     return Path(relative)
 
 
-def _read_mmpr_meta(path: Path, rejects: Rejects, seed: int) -> Iterator[PreferencePair]:
+def _mmpr_meta_sources(path: Path, seed: int) -> list[Source]:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: malformed meta JSON: {e.msg}") from e
     if not isinstance(meta, dict) or not meta:
         raise ValueError(f"{path}: an MMPR meta file maps dataset names to their entries")
+    sources = []
     for name, entry in meta.items():
         where = f"{path}: dataset {name!r}"
         if not isinstance(entry, dict) or not isinstance(entry.get("annotation"), str):
@@ -79,9 +179,10 @@ def _read_mmpr_meta(path: Path, rejects: Rejects, seed: int) -> Iterator[Prefere
         annotation = _resolve(path.parent, entry["annotation"])
         root = _resolve(path.parent, entry.get("root", ""))
         if not annotation.is_file():
-            raise FileNotFoundError(f"{where}: annotation file not found: {path.parent / entry['annotation']}")
-        yield from _read_mmpr_annotation(annotation, root, float(repeat), max_patches, rejects,
-                                         f"{seed}:{name}")
+            missing = path.parent / entry["annotation"]
+            raise FileNotFoundError(f"{where}: annotation file not found: {missing}")
+        sources.append(Source("mmpr", annotation, root, float(repeat), max_patches, f"{seed}:{name}"))
+    return sources
 
 
 def _passes(path: Path, repeat: float, seed) -> Iterator[set | None]:
@@ -99,20 +200,35 @@ def _passes(path: Path, repeat: float, seed) -> Iterator[set | None]:
         yield set(random.Random(f"mpo-repeat:{seed}").sample(range(1, n + 1), k))
 
 
-def _read_mmpr_annotation(path: Path, root: Path, repeat: float, max_patches: int | None,
-                          rejects: Rejects, seed) -> Iterator[PreferencePair]:
-    for keep in _passes(path, repeat, seed):
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if keep is not None and line_no not in keep:
-                    continue
-                if not line.strip():
-                    continue
-                source = f"{path}:{line_no}"
-                try:
-                    yield _mmpr_pair(_parse_object(line), root, source, max_patches)
-                except BadPair as bad:
-                    rejects.add(source, bad, line.rstrip("\n"))
+def _lines(path: Path, keep: set | None) -> Iterator[tuple[int, int, bytes]]:
+    """(byte offset, line number, bytes) of the non-blank lines of a file (only those in `keep`)."""
+    offset = 0
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            start, offset = offset, offset + len(raw)
+            if (keep is None or line_no in keep) and raw.strip():
+                yield start, line_no, raw
+
+
+def _line_at(fd: int, offset: int) -> bytes:
+    """The line starting at `offset` (positioned reads: no buffer that could hold stale bytes, no
+    file position shared with forked workers)."""
+    parts = []
+    while True:
+        chunk = os.pread(fd, 1 << 16, offset)
+        end = chunk.find(b"\n")
+        if end >= 0 or not chunk:
+            parts.append(chunk if end < 0 else chunk[:end + 1])
+            return b"".join(parts)
+        parts.append(chunk)
+        offset += len(chunk)
+
+
+def _decode(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadPair("malformed_json", f"not UTF-8 at byte {e.start}") from None
 
 
 def _mmpr_pair(obj: dict, root: Path, source: str, max_patches: int | None) -> PreferencePair:
@@ -134,17 +250,6 @@ def _mmpr_pair(obj: dict, root: Path, source: str, max_patches: int | None) -> P
 
 
 # --- TRL-style --------------------------------------------------------------------------------------------
-
-def _read_trl_rows(rows: Iterator[tuple[str, object]], path: Path, base: Path,
-                   rejects: Rejects) -> Iterator[PreferencePair]:
-    for where, row in rows:
-        source = f"{path}:{where}"
-        try:
-            obj = _parse_object(row) if isinstance(row, str) else row
-            yield _trl_pair(obj, base, source)
-        except BadPair as bad:
-            rejects.add(source, bad, row if isinstance(row, str) else _json_or_repr(row))
-
 
 def _trl_pair(obj: dict, base: Path, source: str) -> PreferencePair:
     for key in ("prompt", "chosen", "rejected"):
@@ -217,26 +322,27 @@ def _image_ref(x, base: Path):
     raise BadPair("bad_field", f"unusable image entry of type {type(x).__name__}")
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, str]]:
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                yield str(line_no), line.rstrip("\n")
-
-
-def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
+def _parquet_file(path: Path):
     try:
         import pyarrow.parquet as pq
     except ImportError as e:
         raise ImportError("reading Parquet needs pyarrow: pip install 'mpo[data]'") from e
-    row = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for record in batch.to_pylist():
-            row += 1
-            yield f"row {row}", record
+    return pq.ParquetFile(path)
 
 
-def _dataset_rows(path: Path, split: str) -> Iterator[tuple[str, dict]]:
+def _row_group_starts(f) -> list[int]:
+    starts = [0]
+    for g in range(f.metadata.num_row_groups):
+        starts.append(starts[-1] + f.metadata.row_group(g).num_rows)
+    return starts
+
+
+def _parquet_records(path: Path) -> Iterator[dict]:
+    for batch in _parquet_file(path).iter_batches(batch_size=1024):
+        yield from batch.to_pylist()
+
+
+def _load_dataset(path: Path, split: str):
     try:
         import datasets
     except ImportError as e:
@@ -246,8 +352,7 @@ def _dataset_rows(path: Path, split: str) -> Iterator[tuple[str, dict]]:
         if split not in ds:
             raise ValueError(f"{path}: no split {split!r} (has {sorted(ds)})")
         ds = ds[split]
-    for i, record in enumerate(ds, 1):
-        yield f"row {i}", record
+    return ds
 
 
 # --- shared -----------------------------------------------------------------------------------------------
@@ -287,11 +392,11 @@ def _existing_image(path: Path) -> Path:
 
 
 def _first_record_keys(path: Path) -> set:
-    with path.open(encoding="utf-8") as f:
+    with path.open("rb") as f:
         for line in f:
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 continue
             if isinstance(obj, dict):
                 return set(obj)

@@ -21,6 +21,7 @@ boundaries) and the pixel values of the row's images in token order.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -63,8 +64,7 @@ def fit_to_budget(pair: RenderedPair, layout: str, max_tokens: int, policy: str)
         C = room - R
     else:
         C, R = (room + 1) // 2, room // 2
-    return RenderedPair(pair.prompt_ids, pair.chosen_ids[:C], pair.rejected_ids[:R], pair.pixel_values,
-                        pair.source, pair.index)
+    return dataclasses.replace(pair, chosen_ids=pair.chosen_ids[:C], rejected_ids=pair.rejected_ids[:R])
 
 
 @dataclass

@@ -34,10 +34,11 @@ class RenderedPair:
     pixel_values: torch.Tensor | None  # [tiles, 3, H, W] float32, in placeholder order
     source: str = ""
     index: int = -1  # position in the data stream
+    counted_tiles: int = 0  # rendered without pixels: the tiles the images will have
 
     @property
     def tiles(self) -> int:
-        return 0 if self.pixel_values is None else self.pixel_values.shape[0]
+        return self.counted_tiles if self.pixel_values is None else self.pixel_values.shape[0]
 
 
 def load_image(ref) -> Image.Image:
@@ -50,6 +51,21 @@ def load_image(ref) -> Image.Image:
             with Image.open(io.BytesIO(ref)) as im:
                 return im.convert("RGB")
         return ref.convert("RGB")
+    except FileNotFoundError:
+        raise BadPair("missing_image", str(ref)) from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise BadPair("corrupt_image", f"{ref if isinstance(ref, (str, Path)) else '<bytes>'}: {e}") from None
+
+
+def image_size(ref) -> tuple[int, int]:
+    """(height, width) of an image from its header alone (PIL opens lazily); BadPair if unreadable."""
+    try:
+        if isinstance(ref, (str, Path, bytes)):
+            with Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref) as im:
+                width, height = im.size
+                return height, width
+        width, height = ref.size
+        return height, width
     except FileNotFoundError:
         raise BadPair("missing_image", str(ref)) from None
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
@@ -73,7 +89,8 @@ class ImageTokens:
         if self.processor is not None:
             self.image_token = getattr(self.processor, "image_token", None) or tokenizer.context_image_token
             self.tokens_per_tile = getattr(self.processor, "image_seq_length", None)
-            self.default_max_patches = getattr(self.processor.image_processor, "max_patches", None)
+            self.image_processor = self.processor.image_processor
+            self.default_max_patches = getattr(self.image_processor, "max_patches", None)
             self.backend = "processor"
             return
         if model_type != "internvl":
@@ -95,11 +112,21 @@ class ImageTokens:
         names = ("start_image_token", "end_image_token", "context_image_token")
         return {self.image_token} | {t for t in (getattr(tok, n, None) for n in names) if t}
 
-    def encode(self, prompt_text: str, images: list, max_patches: int | None) -> tuple[list[int], torch.Tensor]:
+    def _image_kwargs(self, images: int, max_patches: int | None) -> dict:
         """max_patches: the pair's tile budget; several images share it as InternVL does
         (max(1, budget // images) each)."""
         budget = max_patches if max_patches is not None else self.default_max_patches
-        image_kwargs = {"max_patches": max(1, budget // len(images))} if budget is not None else {}
+        return {"max_patches": max(1, budget // images)} if budget is not None else {}
+
+    def count(self, prompt_text: str, sizes: list[tuple[int, int]], max_patches: int | None) -> tuple[list[int], int]:
+        """(input ids, tiles) of the prompt from the images' (height, width) alone: the image
+        processor's own tile count, no pixels."""
+        kwargs = {"crop_to_patches": True, **self._image_kwargs(len(sizes), max_patches)}
+        tiles = [self.image_processor.get_number_of_image_patches(h, w, kwargs) for h, w in sizes]
+        return self._expand(prompt_text, tiles), sum(tiles)
+
+    def encode(self, prompt_text: str, images: list, max_patches: int | None) -> tuple[list[int], torch.Tensor]:
+        image_kwargs = self._image_kwargs(len(images), max_patches)
         if self.processor is not None:
             out = self.processor(text=[prompt_text], images=images, add_special_tokens=False,
                                  return_tensors="pt", **image_kwargs)
@@ -107,12 +134,15 @@ class ImageTokens:
         # InternVL's rule (what InternVLProcessor does): image i's placeholder -> <img> + context
         # token x (tokens per tile x tiles of image i) + </img>; tiles from the image processor.
         tiled = self.image_processor(images=images, crop_to_patches=True, return_tensors="pt", **image_kwargs)
+        return self._expand(prompt_text, tiled["num_patches"].tolist()), tiled["pixel_values"].float()
+
+    def _expand(self, prompt_text: str, tiles: list[int]) -> list[int]:
         tok = self.tokenizer
         parts = prompt_text.split(self.image_token)
         text = parts[0]
-        for tiles, rest in zip(tiled["num_patches"].tolist(), parts[1:]):
-            text += tok.start_image_token + self.image_token * (self.tokens_per_tile * tiles) + tok.end_image_token + rest
-        return tok(text, add_special_tokens=False)["input_ids"], tiled["pixel_values"].float()
+        for n, rest in zip(tiles, parts[1:], strict=True):
+            text += tok.start_image_token + self.image_token * (self.tokens_per_tile * n) + tok.end_image_token + rest
+        return tok(text, add_special_tokens=False)["input_ids"]
 
 
 class Renderer:
@@ -138,7 +168,8 @@ class Renderer:
         how = f"images via {self.images.backend}" if self.images else "text-only"
         return f"{self.model_dir} ({type(self.tokenizer).__name__}, {how})"
 
-    def render(self, pair: PreferencePair, index: int = -1) -> RenderedPair:
+    def render(self, pair: PreferencePair, index: int = -1, *, pixels: bool = True) -> RenderedPair:
+        """pixels=False: the token ids and tile count exactly, the images read for their size only."""
         if pair.images and not self.vision:
             raise BadPair("no_vision", f"{len(pair.images)} images")
         texts = [m["content"] for m in pair.prompt] + [pair.chosen, pair.rejected]
@@ -147,21 +178,28 @@ class Renderer:
                 raise BadPair("bad_field", f"the text contains the control token {token!r}")
         messages = self._messages(pair.prompt)
         prompt_text = self._prompt_text(messages)
-        prompt_ids, pixel_values = self._encode_prompt(prompt_text, pair.images, pair.max_patches)
+        max_patches = pair.max_patches if pair.max_patches is not None else self.max_patches
+        tiles = 0
+        if pixels or not pair.images:
+            prompt_ids, pixel_values = self._encode_prompt(prompt_text, pair.images, max_patches)
+            tiles = 0 if pixel_values is None else pixel_values.shape[0]
+        else:
+            sizes = [image_size(ref) for ref in pair.images]
+            (prompt_ids, tiles), pixel_values = self.images.count(prompt_text, sizes, max_patches), None
         if not prompt_ids:
             raise BadPair("bad_field", "the prompt renders to no tokens")
         chosen = self._response_ids(messages, prompt_text, pair.chosen)
         rejected = self._response_ids(messages, prompt_text, pair.rejected)
         if self.vision:
-            self._check_image_slots(prompt_ids, chosen + rejected, pixel_values)
-        return RenderedPair(prompt_ids, chosen, rejected, pixel_values, pair.source, index)
+            self._check_image_slots(prompt_ids, chosen + rejected, tiles)
+        return RenderedPair(prompt_ids, chosen, rejected, pixel_values, pair.source, index, tiles)
 
     def prompt(self, messages: list[dict] | tuple[dict, ...], images=(), max_patches: int | None = None,
                response_prefix: str = "") -> tuple[list[int], torch.Tensor | None]:
         """Token ids (and pixel values) of a prompt with the generation prompt, for sampling; with
         `response_prefix`, the assistant turn starts with that text (the model continues it)."""
         text = self._prompt_text(self._messages(messages)) + response_prefix
-        return self._encode_prompt(text, images, max_patches)
+        return self._encode_prompt(text, images, max_patches if max_patches is not None else self.max_patches)
 
     def _messages(self, prompt) -> list[dict]:
         image_token = self.images.image_token if self.vision else IMAGE_TOKEN
@@ -172,14 +210,14 @@ class Renderer:
             if not self.vision:
                 raise BadPair("no_vision", f"{len(images)} images")
             loaded = [load_image(ref) for ref in images]
-            return self.images.encode(text, loaded, max_patches if max_patches is not None else self.max_patches)
+            return self.images.encode(text, loaded, max_patches)
         return self.tokenizer(text, add_special_tokens=not self._templated)["input_ids"], None
 
-    def _check_image_slots(self, prompt_ids, response_ids, pixel_values) -> None:
+    def _check_image_slots(self, prompt_ids, response_ids, tiles: int) -> None:
         """The model scatters one feature per image slot: a miscount would fail a whole batch."""
         slot = self.tokenizer.convert_tokens_to_ids(self.images.image_token)
         per_tile = self.images.tokens_per_tile
-        want = 0 if pixel_values is None else pixel_values.shape[0] * per_tile if per_tile else None
+        want = tiles * per_tile if per_tile else None
         if slot in response_ids or (want is not None and prompt_ids.count(slot) != want):
             raise BadPair("image_mismatch", f"{prompt_ids.count(slot)} image slots for {want}")
 

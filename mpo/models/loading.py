@@ -41,9 +41,23 @@ def load_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32, dev
         raise FileNotFoundError(f"not a model folder (no config.json): {model_dir}")
     config = AutoConfig.from_pretrained(model_dir)
     cls = AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
+    _import_model_classes(config)
     model = cls.from_pretrained(model_dir, dtype=dtype).to(device)
     enable_packed_attention(model)
     return model
+
+
+def _import_model_classes(config) -> None:
+    """Import the modeling code of the model and of its sub-models (InternVL's language model is
+    built from its config inside the VLM's __init__) before from_pretrained runs. A class first
+    defined inside ZeRO-3's zero.Init context loses the __init__ wrappers class decorators add
+    (transformers' hub-kernel attention): zero.Init records the undecorated __init__ and puts
+    it back on exit, breaking every later instance."""
+    from transformers import AutoModel
+
+    for sub in [config, *(getattr(config, name, None) for name in config.sub_configs)]:
+        if sub is not None and type(sub) in AutoModel._model_mapping:
+            _ = AutoModel._model_mapping[type(sub)]
 
 
 def lm_head(model) -> torch.nn.Linear:

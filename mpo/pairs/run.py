@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import timedelta
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch

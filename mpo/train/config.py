@@ -50,6 +50,10 @@ class DataConfig:
     strict: bool = opt(False, "stop at the first bad record instead of skipping it")
     max_patches: int | None = opt(None, "image tiles per pair (None: the dataset's or processor's)", low=1)
     shuffle_window: int = opt(4096, "pairs per first-fit-decreasing window when planning rows", low=1)
+    num_workers: int = opt(2, "processes rendering the next rows while a step runs, and indexing the data "
+                              "(0: in the training process)", low=0)
+    prefetch_factor: int = opt(2, "rows each data worker renders ahead", low=1)
+    index_dir: str = opt("", "folder of pair indexes (`mpo data index`); empty = the run folder")
 
 
 @dataclass

@@ -90,8 +90,10 @@ class MetricsLog:
                 if isinstance(v, (int, float)):
                     self.writer.add_scalar(f"{split}/{k}", v, step)
         if self.bar is not None and split == "train":
+            wait = metrics.get("data_wait_s", 0.0) / max(metrics.get("step_s", 1.0), 1e-9)
             self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
-                                 acc=f"{metrics.get('rewards/accuracies', float('nan')):.2f}", refresh=False)
+                                 acc=f"{metrics.get('rewards/accuracies', float('nan')):.2f}",
+                                 data_wait=f"{100 * wait:.0f}%", refresh=False)
 
     def advance(self) -> None:
         if self.bar is not None:

@@ -15,61 +15,26 @@ cache deals rows to ranks and pads them with blank rows so every rank runs the s
 
 from __future__ import annotations
 
-import hashlib
 import json
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
+from mpo.atomic import save_atomic
+from mpo.data.dataset import PairDataset
+from mpo.data.index import tree_digest
 from mpo.logprobs import linear_sequence_logps
 from mpo.models.loading import lm_head, load_model, logit_softcap, packed_hidden_states
-from mpo.atomic import save_atomic
-from mpo.train.data import PairSet, blank_row
 from mpo.train.distributed import Dist, all_gather_objects, barrier
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".jinja", ".txt", ".model", ".tiktoken")
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _tree_digest(paths: list[Path]) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for p in sorted(paths):
-        h.update(f"{p.name}:{_file_digest(p)};".encode())
-    return h.hexdigest()
-
-
-def data_files(path: Path) -> list[Path]:
-    """The files a data source is read from (MMPR meta + annotations, or the file / folder)."""
-    if path.is_dir():
-        return [p for p in path.rglob("*") if p.is_file()]
-    if path.suffix == ".json":
-        from mpo.data.formats import _resolve
-
-        meta = json.loads(path.read_text())
-        return [path] + [_resolve(path.parent, entry["annotation"]) for entry in meta.values()]
-    return [path]
-
-
 def cache_key(reference_model: str, data_digest: str, rendering: dict) -> dict:
     model_dir = Path(reference_model)
     model_files = [p for p in model_dir.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES]
-    return {"reference_model": _tree_digest(model_files), "data": data_digest, "rendering": rendering}
-
-
-def pairs_key(model: str, data: str, rendering: dict) -> dict:
-    """What rendering pairs depends on: the data files, the tokenizer and processor files (not the
-    weights) and the rendering options."""
-    files = [p for p in Path(model).iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES
-             and p.suffix not in (".safetensors", ".bin")]
-    return {"data": _tree_digest(data_files(Path(data))), "processing": _tree_digest(files), "rendering": rendering}
+    return {"reference_model": tree_digest(model_files), "data": data_digest, "rendering": rendering}
 
 
 class ReferenceModel:
@@ -109,35 +74,36 @@ class ReferenceModel:
                                          head.bias, softcap=logit_softcap(self.model), impl=self.impl)
 
 
-def build_cache(pairs: PairSet, reference: ReferenceModel, key: dict, out: Path, dist: Dist, dtype) -> None:
-    """Run the reference over every valid pair (rows dealt to ranks) and write `out` on rank 0."""
+def build_cache(pairs: PairDataset, reference: ReferenceModel, key: dict, out: Path, dist: Dist, dtype,
+                loader_options: dict) -> None:
+    """Run the reference over every valid pair (rows dealt to ranks, blank rows padding the short
+    ones) and write `out` on rank 0."""
     dealt = pairs.deal(pairs.data_order_rows(), dist.world)
-    mine, rounds = dealt[dist.rank], max(len(rows) for rows in dealt)
+    mine = dealt[dist.rank]
+    rows = [mine[k] if k < len(mine) else () for k in range(max(len(r) for r in dealt))]
     results = []
-    for k in range(rounds):
-        batch = (pairs.pack(mine[k]) if k < len(mine) else blank_row()).to(dist.device, dtype)
+    for batch in pairs.loader(rows, **loader_options):
+        batch = batch.to(dist.device, dtype)
         sums, counts = reference.sums(batch)
-        results.append((batch.pair_index.tolist(), sums.cpu(), counts.cpu()))
+        results.append((batch.pair_index.cpu(), sums.cpu(), counts.cpu()))
     gathered = all_gather_objects(results)
     if dist.main:
-        n = len(pairs.records)
+        n = len(pairs.index)
         tensors = {"chosen_logps": torch.full((n,), float("nan")), "rejected_logps": torch.full((n,), float("nan")),
-                   "chosen_tokens": torch.zeros(n, dtype=torch.int64), "rejected_tokens": torch.zeros(n, dtype=torch.int64),
-                   "fingerprint": torch.zeros(n, dtype=torch.int64)}
+                   "chosen_tokens": torch.zeros(n, dtype=torch.int64),
+                   "rejected_tokens": torch.zeros(n, dtype=torch.int64)}
         for part in gathered:
             for index, sums, counts in part:
-                for k, i in enumerate(index):
-                    tensors["chosen_logps"][i], tensors["rejected_logps"][i] = sums[2 * k], sums[2 * k + 1]
-                    tensors["chosen_tokens"][i], tensors["rejected_tokens"][i] = counts[2 * k], counts[2 * k + 1]
-        for i in pairs.valid:
-            tensors["fingerprint"][i] = pairs.info[i].fingerprint
+                tensors["chosen_logps"][index], tensors["rejected_logps"][index] = sums[0::2], sums[1::2]
+                tensors["chosen_tokens"][index], tensors["rejected_tokens"][index] = counts[0::2], counts[1::2]
+        tensors["fingerprint"] = torch.from_numpy(pairs.index.arrays["fingerprint"].copy())
         tensors["valid"] = ~torch.isnan(tensors["chosen_logps"])
-        save_atomic(tensors, out, {"key": json.dumps(key, sort_keys=True), "data": str(pairs.path),
+        save_atomic(tensors, out, {"key": json.dumps(key, sort_keys=True), "data": str(pairs.source.path),
                                    "pairs": str(n)})
     barrier()
 
 
-def load_cache(path: Path, key: dict, pairs: PairSet) -> tuple[torch.Tensor, torch.Tensor]:
+def load_cache(path: Path, key: dict, pairs: PairDataset) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) reference sums indexed by pair number; refuses a cache that does not match."""
     from safetensors import safe_open
 
@@ -148,9 +114,13 @@ def load_cache(path: Path, key: dict, pairs: PairSet) -> tuple[torch.Tensor, tor
     if changed:
         raise ValueError(f"reference cache {path} does not match this run: the {', '.join(changed)} changed "
                          f"since it was made. Delete it (it is rebuilt at train start) or set loss.reference_cache")
-    prints = tensors["fingerprint"]
-    stale = [i for i in pairs.valid if i >= prints.numel() or int(prints[i]) != pairs.info[i].fingerprint]
-    if stale:
+    prints, want = tensors["fingerprint"].numpy(), pairs.index.arrays["fingerprint"]
+    if prints.shape != want.shape:
+        raise ValueError(f"reference cache {path} does not match this run: it holds {prints.size} pairs, the data "
+                         f"has {want.size}. Delete it or set loss.reference_cache")
+    stale = pairs.valid[prints[pairs.valid] != want[pairs.valid]]
+    if len(stale):
+        first = pairs.source.read(pairs.index.location(int(stale[0]))).source
         raise ValueError(f"reference cache {path} does not match this run: {len(stale)} pairs render differently "
-                         f"(first: {pairs.records[stale[0]].source}). Delete it or set loss.reference_cache")
+                         f"(first: {first}). Delete it or set loss.reference_cache")
     return tensors["chosen_logps"], tensors["rejected_logps"]

@@ -27,17 +27,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mpo.data.dataset import PairDataset
+from mpo.data.formats import DataSource
+from mpo.data.index import PairIndex, build_index, index_key, index_path
 from mpo.data.pipeline import PackingOptions
-from mpo.data.records import Rejects
-from mpo.data.render import Renderer
+from mpo.data.records import DataError, Rejects
+from mpo.models.loading import lm_head
 from mpo.train import checkpoint
 from mpo.train.config import Config, dump
-from mpo.train.data import PairSet, TrainPlan, blank_row
+from mpo.train.data import TrainPlan
 from mpo.train.distributed import Dist, all_gather_objects, all_sum, barrier, init
 from mpo.train.engine import build, deepspeed_config, train_dtype
-from mpo.models.loading import lm_head
 from mpo.train.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_gb
-from mpo.train.reference import ReferenceModel, build_cache, cache_key, load_cache, pairs_key
+from mpo.train.reference import ReferenceModel, build_cache, cache_key, load_cache
 
 # Accumulated per micro-batch as sums, then divided by the step's pair count (MEANS) or not (loss/sft).
 MEANS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -70,11 +72,11 @@ class Trainer:
             if train:
                 dump(cfg, self.run_dir / "config.yaml")
         barrier()
-        self.renderer = Renderer(cfg.model.path, max_patches=cfg.data.max_patches)
         self.packing = PackingOptions(cfg.data.packing, cfg.train.max_tokens_per_row, cfg.data.overlong)
-        name = "rejects.jsonl" if self.dist.world == 1 else f"rejects.rank{self.dist.rank}.jsonl"
-        # the run's first start lists the rejected records; a resumed one keeps that list as it is
-        self.rejects = Rejects(None if resume else self.run_dir / name, strict=cfg.data.strict)
+        # rank 0 indexes the data and lists the rejected records; a resumed run (whose index is
+        # already there) keeps the first start's list as it is
+        listed = self.dist.main and not resume
+        self.rejects = Rejects(self.run_dir / "rejects.jsonl" if listed else None, strict=cfg.data.strict)
         self.rendering = {"packing": self.packing.layout, "max_tokens": self.packing.max_tokens,
                           "overlong": self.packing.overlong, "max_patches": cfg.data.max_patches}
         self.train_pairs = self._pairs("train", cfg.data.train)
@@ -89,10 +91,33 @@ class Trainer:
             self.engine, self.scheduler, _ = build(cfg, self.dist, self.total_steps)
             self.flops_per_token = flops_per_token(self.engine.module, lm_head(self.engine.module.model).weight)
 
-    def _pairs(self, split: str, data: str) -> PairSet:
-        key = all_gather_objects(pairs_key(self.cfg.model.path, data, self.rendering) if self.dist.main else None)[0]
-        return PairSet(data, self.renderer, self.packing, self.rejects, self.dist,
-                       index=self.run_dir / f"pairs.{split}.safetensors", key=key)
+    def _pairs(self, split: str, data: str) -> PairDataset:
+        """The split's pairs: rank 0 loads the matching index or builds it (the other ranks wait,
+        then load it)."""
+        cfg, main = self.cfg, self.dist.main
+        source = DataSource(data)
+        key = all_gather_objects(index_key(cfg.model.path, data, self.rendering) if main else None)[0]
+        path = index_path(cfg.data.index_dir or self.run_dir, key)
+        index, error = None, None
+        if main:
+            try:
+                index = PairIndex.load(path, key)
+                if index is None:
+                    index = build_index(source, cfg.model.path, self.rendering, self.rejects, key,
+                                        workers=cfg.data.num_workers)
+                    index.save(path)
+            except (DataError, ValueError) as e:
+                error = e
+        errors = all_gather_objects(str(error) if error else None)
+        if error is not None:
+            raise error
+        if errors[0]:
+            raise DataError(f"{split} data ({data}): {errors[0]}")
+        index = index or PairIndex.load(path, key)
+        if index is None:
+            raise FileNotFoundError(f"{path}: rank 0 wrote this pair index but rank {self.dist.rank} cannot read it; "
+                                    "the run folder (or data.index_dir) must be on a file system every node shares")
+        return PairDataset(source, index, cfg.model.path, self.packing, max_patches=cfg.data.max_patches)
 
     # --- reference log-probs ------------------------------------------------------------------------------
 
@@ -122,11 +147,12 @@ class Trainer:
         model_path = self.cfg.loss.reference_model or self.cfg.model.path
         reference = None
         for split, pairs in splits.items():
-            key = all_gather_objects(cache_key(model_path, pairs.key["data"], rendering) if self.dist.main else None)[0]
+            key = all_gather_objects(cache_key(model_path, pairs.index.key["data"], rendering)
+                                     if self.dist.main else None)[0]
             path = self.cache_path(split)
             if not path.is_file():
                 reference = reference or self._reference_model()
-                build_cache(pairs, reference, key, path, self.dist, self.dtype)
+                build_cache(pairs, reference, key, path, self.dist, self.dtype, self._loader_options())
             self.ref[split] = load_cache(path, key, pairs)
         del reference
 
@@ -143,10 +169,18 @@ class Trainer:
 
     # --- steps --------------------------------------------------------------------------------------------
 
-    def _micro_batches(self, pairs: PairSet, dealt: list[list[list[int]]]):
+    def _loader_options(self) -> dict:
+        return {"num_workers": self.cfg.data.num_workers, "prefetch_factor": self.cfg.data.prefetch_factor,
+                "pin_memory": self.dist.device.type == "cuda"}
+
+    def _my_rows(self, dealt: list[list[tuple[int, ...]]]):
+        """This rank's rows of a step, padded with blank rows to the most any rank has."""
         mine = dealt[self.dist.rank]
-        for k in range(max(len(rows) for rows in dealt)):
-            yield (pairs.pack(mine[k]) if k < len(mine) else blank_row()).to(self.dist.device, self.dtype)
+        return [mine[k] if k < len(mine) else () for k in range(max(len(rows) for rows in dealt))]
+
+    def _train_rows(self, start: int):
+        for step in range(start, self.total_steps):
+            yield from self._my_rows(self.plan.rows(step, self.dist.world)[1])
 
     @staticmethod
     def _per_pair(name: str) -> bool:
@@ -180,9 +214,12 @@ class Trainer:
         pair_count, tokens = len(pairs), self.train_pairs.chosen_tokens(pairs)
         shift = self.engine.module.criterion.reward_shift
         delta = shift.value
-        acc, rounds = {}, max(len(rows) for rows in dealt)
+        acc, rounds, waited = {}, max(len(rows) for rows in dealt), 0.0
         self.engine.train()
-        for k, batch in enumerate(self._micro_batches(self.train_pairs, dealt)):
+        for k in range(rounds):
+            ready = time.perf_counter()
+            batch = next(self._batches).to(self.dist.device, self.dtype)
+            waited += time.perf_counter() - ready
             ref_c, ref_r = self.reference_sums("train", batch)
             self.engine.set_gradient_accumulation_boundary(k == rounds - 1)
             loss, metrics = self.engine(batch, ref_c, ref_r, pair_count=pair_count, chosen_token_count=tokens,
@@ -205,7 +242,7 @@ class Trainer:
             mean_reward = (out["rewards/chosen"] + out["rewards/rejected"]) / 2
             shift.update(torch.tensor([mean_reward], device=self.dist.device))
         seconds = time.perf_counter() - start
-        out.update({"reward_shift": delta, "lr": lr, "pairs": pair_count,
+        out.update({"reward_shift": delta, "lr": lr, "pairs": pair_count, "step_s": seconds, "data_wait_s": waited,
                     "pairs/s": pair_count / seconds, "tokens/s/gpu": out["row_tokens"] / seconds / self.dist.world,
                     "peak_memory_gb": peak_memory_gb(self.dist.device), "step_applied": applied})
         peak = peak_flops(self.dist.device)
@@ -216,11 +253,12 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         pairs = self.eval_pairs
-        dealt = pairs.deal(pairs.data_order_rows(), self.dist.world)
+        rows = self._my_rows(pairs.deal(pairs.data_order_rows(), self.dist.world))
         pair_count, tokens = len(pairs.valid), pairs.chosen_tokens(pairs.valid)
         acc = {}
         self.engine.eval()
-        for batch in self._micro_batches(pairs, dealt):
+        for batch in pairs.loader(rows, **self._loader_options()):
+            batch = batch.to(self.dist.device, self.dtype)
             ref_c, ref_r = self.reference_sums("eval", batch)
             loss, metrics = self.engine(batch, ref_c, ref_r, pair_count=pair_count, chosen_token_count=tokens)
             acc["loss"] = acc.get("loss", 0.0) + loss.item()
@@ -252,6 +290,7 @@ class Trainer:
         if self.eval_pairs is not None and not self.resume:
             summary["eval_before"] = self.evaluate()
             log.log(step, "eval", summary["eval_before"])
+        self._batches = iter(self.train_pairs.loader(self._train_rows(step), **self._loader_options()))
         try:
             while step < self.total_steps:
                 metrics = self.train_step(step)
@@ -276,6 +315,7 @@ class Trainer:
                 summary["eval_after"] = self.evaluate()
                 log.log(step, "eval", summary["eval_after"])
         finally:
+            self._batches = None  # stops the loader's workers
             log.close()
             self.rejects.close()
         checkpoint.save(self.engine, self.run_dir, step, self._state(step, skipped, consecutive), dist,

@@ -1,0 +1,111 @@
+"""Indexed pairs as packed rows, rendered by loader worker processes while the model computes.
+
+`PairDataset` is a map-style torch Dataset whose items are rows: a tuple of pair numbers becomes
+one `PackedBatch` (the empty tuple: a blank row). Records are read back from the index's
+locations and rendered in full (pixels included) where the item is made, so with
+`num_workers` > 0 the rendering runs in worker processes, `prefetch_factor` rows each ahead of the
+step. The rows come from a sampler the caller owns (the training plan, the data-order rows), so
+the rows and their order do not depend on the worker count; the DataLoader hands results back in
+sampler order. A pair that renders differently than when it was indexed (the data or the
+processor changed under the same name) is an error naming its record, never a silent mismatch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+from mpo.data.formats import DataSource
+from mpo.data.index import PairIndex, fingerprint
+from mpo.data.packing import IGNORE, PackedBatch, fit_to_budget, pack_row
+from mpo.data.pipeline import PackingOptions
+from mpo.data.plan import plan_packing
+from mpo.data.records import DataError
+from mpo.data.render import RenderedPair, Renderer
+
+
+def blank_row() -> PackedBatch:
+    """A one-token row without pairs: keeps a rank's forward/backward count equal to the others'
+    when it has fewer rows this step (ZeRO gathers parameters collectively)."""
+    one = torch.zeros((1, 1), dtype=torch.long)
+    return PackedBatch(input_ids=one, position_ids=one, labels=torch.full((1, 1), IGNORE),
+                       seq_ids=torch.full((1, 1), -1), doc_ids=one, branch_ids=one,
+                       cu_seqlens=torch.tensor([0, 1], dtype=torch.int32), pixel_values=None,
+                       pair_index=torch.zeros(0, dtype=torch.long), layout="plain")
+
+
+class PairDataset(torch.utils.data.Dataset):
+    def __init__(self, source: DataSource, index: PairIndex, model_dir, opts: PackingOptions, *,
+                 max_patches: int | None = None):
+        self.source, self.index, self.opts = source, index, opts
+        self.model_dir, self.max_patches = str(model_dir), max_patches
+        self.costs = index.cost(opts.layout)
+        self._renderer = None  # made where it is first used (each worker its own)
+
+    @property
+    def valid(self) -> np.ndarray:
+        return self.index.valid
+
+    @property
+    def rejected(self) -> dict:
+        return self.index.rejected
+
+    def chosen_tokens(self, pairs) -> int:
+        return int(self.index.chosen[np.asarray(pairs, dtype=np.int64)].sum())
+
+    def __getstate__(self):
+        return {**self.__dict__, "_renderer": None}
+
+    def render(self, i: int) -> RenderedPair:
+        if self._renderer is None:
+            self._renderer = Renderer(self.model_dir, max_patches=self.max_patches)
+        pair = self.source.read(self.index.location(i))
+        rendered = fit_to_budget(self._renderer.render(pair, i), self.opts.layout, self.opts.max_tokens,
+                                 self.opts.overlong)
+        if fingerprint(rendered) != int(self.index.arrays["fingerprint"][i]):
+            raise DataError(f"{pair.source}: the pair renders differently than when the data was indexed "
+                            "(the data, the images or the processor changed): index it again")
+        return rendered
+
+    def __getitem__(self, row: tuple[int, ...]) -> PackedBatch:
+        return pack_row([self.render(i) for i in row], self.opts.layout) if row else blank_row()
+
+    def data_order_rows(self, window: int = 64) -> list[tuple[int, ...]]:
+        """All valid pairs in rows, in data order (evaluation, the reference pass)."""
+        rows, valid = [], self.valid.tolist()
+        for lo in range(0, len(valid), window):
+            chunk = valid[lo:lo + window]
+            planned = plan_packing(self.costs[chunk].tolist(), self.opts.max_tokens, seed=None, window=window)
+            rows += [tuple(chunk[k] for k in sorted(row)) for row in planned]
+        return rows
+
+    def deal(self, rows: list, world: int) -> list[list[tuple[int, ...]]]:
+        """Rows to ranks: longest first, each onto the rank with the fewest tokens so far."""
+        cost = lambda row: int(self.costs[list(row)].sum())
+        load, out = [0] * world, [[] for _ in range(world)]
+        for row in sorted(rows, key=cost, reverse=True):
+            r = min(range(world), key=lambda k: (load[k], k))
+            out[r].append(tuple(row))
+            load[r] += cost(row)
+        return out
+
+    def loader(self, rows: Iterable[tuple[int, ...]], *, num_workers: int = 0, prefetch_factor: int = 2,
+               pin_memory: bool = False, persistent: bool = False) -> torch.utils.data.DataLoader:
+        """Packed rows in the order `rows` yields them (an iterable read once, lazily)."""
+        extra = {"prefetch_factor": prefetch_factor, "persistent_workers": persistent} if num_workers else {}
+        return torch.utils.data.DataLoader(self, batch_size=None, sampler=_Rows(rows), num_workers=num_workers,
+                                           collate_fn=_as_is, pin_memory=pin_memory, **extra)
+
+
+class _Rows(torch.utils.data.Sampler):
+    def __init__(self, rows: Iterable):
+        self.rows = rows
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
+def _as_is(batch):
+    return batch

@@ -1,0 +1,166 @@
+"""The pair index: token counts from image headers equal full rendering, workers change nothing,
+records read back by location, and a stale index or changed data is never used silently."""
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mpo.data.dataset import PairDataset
+from mpo.data.formats import DataSource, read_pairs
+from mpo.data.index import PairIndex, build_index, fingerprint, index_key, index_path
+from mpo.data.packing import fit_to_budget
+from mpo.data.pipeline import PackingOptions, PipelineCounts, rendered_pairs
+from mpo.data.records import DataError, PreferencePair, Rejects
+from mpo.data.render import Renderer
+
+RENDERING = {"packing": "prefix", "max_tokens": 4096, "overlong": "truncate", "max_patches": None}
+OPTS = PackingOptions("prefix", 4096, "truncate")
+
+
+def test_counted_tokens_equal_full_rendering_for_many_image_sizes(tmp_path, tiny_models):
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = random.Random(seed)
+    renderer = Renderer(tiny_models["internvl"])
+    for k in range(14):
+        images = []
+        for j in range(rng.choice([1, 1, 2, 3])):
+            width, height = rng.choice([(rng.randint(8, 3000), rng.randint(8, 300)),  # wide strips
+                                        (rng.randint(8, 300), rng.randint(8, 3000)),  # tall strips
+                                        (rng.randint(100, 2000), rng.randint(100, 2000))])
+            path = tmp_path / f"{k}-{j}.{rng.choice(['png', 'jpg'])}"
+            Image.new("RGB", (width, height), (k * 17 % 255, 90, 200)).save(path)
+            images.append(str(path))
+        pair = PreferencePair(({"role": "user", "content": "<image>\n" * len(images) + "What is shown?"},),
+                              "A picture.", "Nothing.", tuple(images), f"pair {k}",
+                              rng.choice([None, 1, 2, 6, 12]))
+        full = renderer.render(pair, k)
+        counted = renderer.render(pair, k, pixels=False)
+        where = f"seed {seed}, pair {k}: {[Image.open(p).size for p in images]}, max_patches {pair.max_patches}"
+        assert counted.pixel_values is None, where
+        assert counted.prompt_ids == full.prompt_ids, where
+        assert counted.tiles == full.tiles == full.pixel_values.shape[0], where
+        assert fingerprint(counted) == fingerprint(full), where
+
+
+def write_messy_data(tmp_path, demo_data):
+    """The demo annotations with bad records mixed in: malformed JSON, a missing field, a missing
+    and a corrupt image, identical responses, a line that is not UTF-8."""
+    meta = json.loads((demo_data / "meta.json").read_text())
+    name, entry = next(iter(meta.items()))
+    lines = (demo_data / entry["annotation"]).read_text().splitlines()[:12]
+    good = json.loads(lines[0])
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    bad = ["{not json", json.dumps({k: v for k, v in good.items() if k != "chosen"}),
+           json.dumps({**good, "image": "nope.png"}), json.dumps({**good, "image": str(tmp_path / "broken.png")}),
+           json.dumps({**good, "rejected": good["chosen"]})]
+    out = tmp_path / "messy.jsonl"
+    with out.open("wb") as f:
+        for i, line in enumerate(lines):
+            f.write(line.encode() + b"\n")
+            if i < len(bad):
+                f.write(bad[i].encode() + b"\n")
+        f.write(b'{"question": "\xff\xfe"}\n')
+    root = (demo_data / entry.get("root", "")).resolve()
+    for line in lines:  # images resolve against the annotation's folder
+        for image in [json.loads(line)["image"]] if isinstance(json.loads(line)["image"], str) else []:
+            target = tmp_path / image
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.exists():
+                target.symlink_to(root / image)
+    return out
+
+
+def test_index_matches_rendering_whatever_the_worker_count(tmp_path, tiny_models, demo_data):
+    data = write_messy_data(tmp_path, demo_data)
+    model = tiny_models["internvl"]
+    key = index_key(model, data, RENDERING)
+    built = {}
+    for workers in (0, 2):
+        rejects = Rejects(tmp_path / f"rejects{workers}.jsonl")
+        built[workers] = build_index(DataSource(data), model, RENDERING, rejects, key, workers=workers)
+        rejects.close()
+    for name, array in built[0].arrays.items():
+        assert np.array_equal(array, built[2].arrays[name]), name
+    assert built[0].rejected == built[2].rejected
+    listed = [(tmp_path / f"rejects{w}.jsonl").read_text().splitlines() for w in (0, 2)]
+    assert sorted(listed[0]) == sorted(listed[1])
+
+    # exactly what full rendering (pixels and all) finds: the same pairs, counts and rejects
+    old = Rejects()
+    counts = PipelineCounts()
+    rendered = {p.index: p for p in rendered_pairs(data, Renderer(model), old, OPTS, counts)}
+    index = built[0]
+    assert index.rejected == dict(old.counts) and set(old.counts) >= {"malformed_json", "missing_field",
+                                                                      "missing_image", "corrupt_image",
+                                                                      "identical_responses"}
+    assert len(index) == counts.read and index.valid.tolist() == sorted(rendered)
+    for i, pair in rendered.items():
+        a = index.arrays
+        assert (a["prompt"][i], a["chosen"][i], a["rejected"][i], a["tiles"][i], a["fingerprint"][i]) == \
+            (len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids), pair.tiles, fingerprint(pair)), i
+
+    # records come back by location, rendered in full, and equal to reading in order
+    dataset = PairDataset(DataSource(data), index, model, OPTS)
+    for i in index.valid.tolist():
+        assert fingerprint(dataset.render(i)) == fingerprint(rendered[i])
+        assert dataset.render(i).pixel_values.equal(rendered[i].pixel_values)
+
+
+def test_index_file_is_used_only_for_its_key(tmp_path, tiny_models, demo_data):
+    model, data = tiny_models["internvl"], demo_data / "meta_heldout.json"
+    key = index_key(model, data, RENDERING)
+    index = build_index(DataSource(data), model, RENDERING, Rejects(), key)
+    path = index_path(tmp_path, key)
+    index.save(path)
+    loaded = PairIndex.load(path, key)
+    assert all(np.array_equal(loaded.arrays[k], v) for k, v in index.arrays.items())
+    other = index_key(model, data, {**RENDERING, "max_tokens": 1024})
+    assert index_path(tmp_path, other) != path and PairIndex.load(path, other) is None
+    # 38 bytes a pair on disk and in memory
+    assert sum(a.itemsize for a in index.arrays.values()) == 38
+
+
+def test_formats_read_back_by_location(tmp_path, tiny_models, demo_data):
+    """JSONL (byte offsets), Parquet (row groups) and saved datasets (rows): read back == read in order."""
+    import datasets
+
+    records = [{"prompt": f"Question {i}? " + "x" * (i % 7), "chosen": f"Yes {i}", "rejected": f"No {i}"}
+               for i in range(40)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    table = datasets.Dataset.from_list(records)
+    table.to_parquet(str(tmp_path / "d.parquet"), batch_size=7)  # several row groups
+    table.save_to_disk(str(tmp_path / "saved"))
+    for data in ("d.jsonl", "d.parquet", "saved"):
+        source = DataSource(tmp_path / data)
+        located = list(source.pairs(Rejects(strict=True)))
+        assert [p for _, p in located] == list(read_pairs(tmp_path / data, Rejects(strict=True)))
+        for where, pair in reversed(located):
+            assert source.read(where) == pair, (data, where)
+
+
+def test_a_changed_record_is_an_error_not_another_pair(tmp_path, tiny_models):
+    model = tiny_models["qwen2"]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Q{i}", "chosen": f"yes {i}", "rejected": f"no {i}"}) + "\n"
+                            for i in range(5)))
+    index = build_index(DataSource(path), model, RENDERING, Rejects(), index_key(model, path, RENDERING))
+    dataset = PairDataset(DataSource(path), index, model, OPTS)
+    assert len(dataset[(0, 3)].pair_index) == 2
+    path.write_text(path.read_text().replace("yes 3", "yes 3 and 4"))  # line 4 still starts where it did
+    with pytest.raises(DataError, match=r"d\.jsonl:4: the pair renders differently"):
+        dataset.render(3)
+    path.write_text("short\n")
+    with pytest.raises(DataError, match=r"d\.jsonl:4: the record no longer reads"):
+        PairDataset(DataSource(path), index, model, OPTS).render(3)
+
+
+def test_fit_to_budget_keeps_the_tile_count(tiny_models, demo_data):
+    renderer = Renderer(tiny_models["internvl"])
+    pair = next(read_pairs(demo_data / "meta.json", Rejects()))
+    counted = renderer.render(pair, 0, pixels=False)
+    cut = fit_to_budget(counted, "prefix", len(counted.prompt_ids) + 2, "truncate")
+    assert cut is not counted and cut.tiles == counted.tiles > 0
