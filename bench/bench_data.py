@@ -22,7 +22,7 @@ import numpy as np
 from mpo.data.dataset import PairDataset
 from mpo.data.formats import DataSource, read_pairs
 from mpo.data.index import FIELDS, PairIndex, build_index, index_key
-from mpo.data.pipeline import PackingOptions
+from mpo.data.packing import PackingOptions
 from mpo.data.records import Rejects
 from mpo.data.render import Renderer
 from mpo.models.tiny import build_tiny_model

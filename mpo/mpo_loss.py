@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from mpo.logprobs import linear_sequence_logps
@@ -66,7 +67,7 @@ class MPOLoss(torch.nn.Module):
     chosen_token_count / pair_count: global normalisers (all micro-batches and ranks of a step);
     by default this call's. The reward shift is updated by each training-mode call (the MPO
     authors' per-micro-batch cadence) unless update_shift=False, for callers that fold rewards in
-    themselves (the trainer: once per optimizer step). Metrics: TRL's names, loss/<type>, reward_shift.
+    themselves (the trainer: once per optimizer step, through end_step()). Metrics: TRL's names, loss/<type>, reward_shift.
     """
 
     def __init__(self, beta: float = 0.1, loss_types: Sequence[str] = MPO_LOSS_TYPES,
@@ -82,6 +83,7 @@ class MPOLoss(torch.nn.Module):
         self.reward_shift = (reward_shift if isinstance(reward_shift, RewardShift)
                              else RewardShift(reward_shift))
         self.update_shift = update_shift
+        self._step_rewards = None  # update_shift=False: [reward sum, rewards] since the last end_step
         self.head = {"temperature": temperature, "softcap": softcap, "ignore_index": ignore_index,
                      "impl": impl}
 
@@ -99,9 +101,14 @@ class MPOLoss(torch.nn.Module):
             chosen_token_count = counts[0::2].sum()
 
         delta = self.reward_shift.value
-        if "bco_pair" in self.loss_types and self.training and self.update_shift:
+        if "bco_pair" in self.loss_types and self.training:
             with torch.no_grad():
-                delta = self.reward_shift.update(self.beta * torch.cat([chosen - ref_c, rejected - ref_r]))
+                rewards = self.beta * torch.cat([chosen - ref_c, rejected - ref_r])
+                if self.update_shift:
+                    delta = self.reward_shift.update(rewards)
+                else:  # folded in by end_step(), with the rest of the step's rewards
+                    stat = torch.stack([rewards.double().sum(), rewards.new_tensor(rewards.numel(), dtype=torch.float64)])
+                    self._step_rewards = stat if self._step_rewards is None else self._step_rewards + stat
 
         if P == 0:
             # A micro-batch (or rank) without pairs: it joined the reward shift's all-reduce above,
@@ -123,6 +130,19 @@ class MPOLoss(torch.nn.Module):
                 pair_count=pair_count)
         metrics["reward_shift"] = torch.tensor(float(delta))
         return loss, metrics
+
+    @torch.no_grad()
+    def end_step(self, applied: bool = True) -> None:
+        """update_shift=False: fold the mean reward of every training call since the last end_step
+        (over all ranks: one all-reduce, on every rank) into the shift when `applied`, and start over."""
+        stat, self._step_rewards = self._step_rewards, None
+        if not applied or stat is None or "bco_pair" not in self.loss_types:
+            return
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stat)
+        total, n = stat.tolist()
+        if n:
+            self.reward_shift.update(stat.new_tensor([total / n]))
 
     def _fusable(self, hidden) -> bool:
         from mpo.logprobs import resolve_impl

@@ -27,7 +27,8 @@ def test_bench_loss_cpu_smoke(tmp_path):
 
 
 def test_bench_train_cpu_smoke(tmp_path):
-    """bench/bench_train.py --cpu: both mpo modes train and report (TRL is not a test dependency)."""
+    """bench/bench_train.py --cpu: both mpo modes train SmolLM2 on text pairs and report (TRL is not a
+    test dependency)."""
     out = tmp_path / "train.csv"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), "--cpu", "--impls", "mpo,mpo-online",
                            "--csv", str(out), "--work-dir", str(tmp_path)], capture_output=True, text=True, timeout=900)
@@ -35,5 +36,5 @@ def test_bench_train_cpu_smoke(tmp_path):
     rows = {r["impl"]: r for r in csv.DictReader(out.open())}
     assert set(rows) == {"mpo", "mpo-online"}
     for r in rows.values():
-        assert float(r["pairs_per_s"]) > 0 and int(r["steps_timed"]) == 2 and r["preset"] == "tiny"
+        assert float(r["pairs_per_s"]) > 0 and int(r["steps_timed"]) == 2 and r["preset"] == "smollm2-135m"
     assert float(rows["mpo"]["ref_pass_s"]) > 0 and rows["mpo-online"]["ref_pass_s"] == ""

@@ -59,7 +59,7 @@ def test_logps_command_writes_data_order_sums(tiny_models, demo_data, tmp_path, 
         meta = f.metadata()
     assert t["chosen_logps"].dtype == torch.float32 and t["valid"].all() and t["chosen_tokens"].dtype == torch.int64
     assert (t["fingerprint"] != 0).all() and t["fingerprint"].unique().numel() == 9
-    assert meta["packing"] == packing and meta["pairs"] == "9"
+    assert json.loads(meta["rendering"])["packing"] == packing and meta["pairs"] == "9"
     assert not list(tmp_path.glob(".*tmp*"))
     # each pair on its own equals the packed run, in data order
     renderer, model = Renderer(tiny_models["internvl"]), load_model(tiny_models["internvl"])

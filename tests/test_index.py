@@ -12,9 +12,8 @@ from PIL import Image
 from mpo.data.dataset import PairDataset
 from mpo.data.formats import DataSource, read_pairs
 from mpo.data.index import PairIndex, build_index, fingerprint, index_key, index_path
-from mpo.data.packing import fit_to_budget
-from mpo.data.pipeline import PackingOptions, PipelineCounts, rendered_pairs
-from mpo.data.records import DataError, PreferencePair, Rejects
+from mpo.data.packing import PackingOptions, fit_to_budget
+from mpo.data.records import BadPair, DataError, PreferencePair, Rejects
 from mpo.data.render import Renderer
 
 RENDERING = {"packing": "prefix", "max_tokens": 4096, "overlong": "truncate", "max_patches": None}
@@ -90,14 +89,18 @@ def test_index_matches_rendering_whatever_the_worker_count(tmp_path, tiny_models
     assert sorted(listed[0]) == sorted(listed[1])
 
     # exactly what full rendering (pixels and all) finds: the same pairs, counts and rejects
-    old = Rejects()
-    counts = PipelineCounts()
-    rendered = {p.index: p for p in rendered_pairs(data, Renderer(model), old, OPTS, counts)}
+    old, renderer, rendered = Rejects(), Renderer(model), {}
+    located = list(DataSource(data).pairs(old))
+    for i, (_, pair) in enumerate(located):
+        try:
+            rendered[i] = fit_to_budget(renderer.render(pair, i), "prefix", 4096, "truncate")
+        except BadPair as bad:
+            old.add(pair.source, bad)
     index = built[0]
     assert index.rejected == dict(old.counts) and set(old.counts) >= {"malformed_json", "missing_field",
                                                                       "missing_image", "corrupt_image",
                                                                       "identical_responses"}
-    assert len(index) == counts.read and index.valid.tolist() == sorted(rendered)
+    assert len(index) == len(located) and index.valid.tolist() == sorted(rendered)
     for i, pair in rendered.items():
         a = index.arrays
         assert (a["prompt"][i], a["chosen"][i], a["rejected"][i], a["tiles"][i], a["fingerprint"][i]) == \

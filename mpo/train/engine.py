@@ -135,13 +135,11 @@ def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
     return factor
 
 
-def build(cfg: Config, dist: Dist, total_steps: int):
-    """-> (engine, scheduler, dtype): the policy wrapped with its fused loss."""
+def build(cfg: Config, dist: Dist, total_steps: int, dtype: torch.dtype, ds_config: dict):
+    """-> (engine, scheduler): the policy wrapped with its fused loss (`deepspeed_config(cfg, dtype)`)."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    dtype = train_dtype(cfg, dist)
-    ds_config = deepspeed_config(cfg, dtype)
     zero3 = cfg.deepspeed.zero_stage == 3
     keep_alive = HfDeepSpeedConfig(ds_config) if zero3 else None
     model = load_model(cfg.model.path, dtype=dtype, device="cpu" if zero3 else dist.device)
@@ -161,4 +159,4 @@ def build(cfg: Config, dist: Dist, total_steps: int):
         optimizer, lr_lambda(total_steps, cfg.optim.warmup_ratio, cfg.optim.schedule))
     engine, _, _, scheduler = deepspeed.initialize(model=policy, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config)
-    return engine, scheduler, dtype
+    return engine, scheduler

@@ -16,16 +16,14 @@ cache deals rows to ranks and pads them with blank rows so every rank runs the s
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from mpo.atomic import save_atomic
 from mpo.data.dataset import PairDataset
 from mpo.data.index import tree_digest
-from mpo.logprobs import linear_sequence_logps
-from mpo.models.loading import lm_head, load_model, logit_softcap, packed_hidden_states
+from mpo.models.loading import load_model, pair_logps
+from mpo.pair_logps import run_pass, save_pair_logps
 from mpo.train.distributed import Dist, all_gather_objects, barrier
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".jinja", ".txt", ".model", ".tiktoken")
@@ -61,45 +59,20 @@ class ReferenceModel:
 
     @torch.no_grad()
     def sums(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = packed_hidden_states(self.model, batch, backend=self.attention)
-        head = lm_head(self.model)
-        params = [p for p in (head.weight, head.bias) if p is not None]
-        gather = nullcontext()
-        if self.zero3:
-            import deepspeed
-
-            gather = deepspeed.zero.GatheredParameters(params)
-        with gather:
-            return linear_sequence_logps(hidden, head.weight, batch.labels[0], batch.seq_ids[0], 2 * batch.num_pairs,
-                                         head.bias, softcap=logit_softcap(self.model), impl=self.impl)
+        return pair_logps(self.model, batch, backend=self.attention, impl=self.impl, zero3=self.zero3)
 
 
 def build_cache(pairs: PairDataset, reference: ReferenceModel, key: dict, out: Path, dist: Dist, dtype,
                 loader_options: dict) -> None:
     """Run the reference over every valid pair (rows dealt to ranks, blank rows padding the short
-    ones) and write `out` on rank 0."""
+    ones) and write `out` on rank 0, in the `mpo logps` layout."""
     dealt = pairs.deal(pairs.data_order_rows(), dist.world)
     mine = dealt[dist.rank]
     rows = [mine[k] if k < len(mine) else () for k in range(max(len(r) for r in dealt))]
-    results = []
-    for batch in pairs.loader(rows, **loader_options):
-        batch = batch.to(dist.device, dtype)
-        sums, counts = reference.sums(batch)
-        results.append((batch.pair_index.cpu(), sums.cpu(), counts.cpu()))
-    gathered = all_gather_objects(results)
+    results = run_pass(pairs, rows, reference.sums, dist.device, dtype, loader_options)
+    gathered = [r for part in all_gather_objects(results) for r in part]
     if dist.main:
-        n = len(pairs.index)
-        tensors = {"chosen_logps": torch.full((n,), float("nan")), "rejected_logps": torch.full((n,), float("nan")),
-                   "chosen_tokens": torch.zeros(n, dtype=torch.int64),
-                   "rejected_tokens": torch.zeros(n, dtype=torch.int64)}
-        for part in gathered:
-            for index, sums, counts in part:
-                tensors["chosen_logps"][index], tensors["rejected_logps"][index] = sums[0::2], sums[1::2]
-                tensors["chosen_tokens"][index], tensors["rejected_tokens"][index] = counts[0::2], counts[1::2]
-        tensors["fingerprint"] = torch.from_numpy(pairs.index.arrays["fingerprint"].copy())
-        tensors["valid"] = ~torch.isnan(tensors["chosen_logps"])
-        save_atomic(tensors, out, {"key": json.dumps(key, sort_keys=True), "data": str(pairs.source.path),
-                                   "pairs": str(n)})
+        save_pair_logps(pairs, gathered, out, {"key": json.dumps(key, sort_keys=True)})
     barrier()
 
 

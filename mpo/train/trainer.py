@@ -29,14 +29,14 @@ import torch
 
 from mpo.data.dataset import PairDataset
 from mpo.data.formats import DataSource
-from mpo.data.index import PairIndex, build_index, index_key, index_path
-from mpo.data.pipeline import PackingOptions
+from mpo.data.index import PairIndex, index_path, rendering_options
+from mpo.data.packing import PackingOptions
 from mpo.data.records import DataError, Rejects
 from mpo.models.loading import lm_head
 from mpo.train import checkpoint
 from mpo.train.config import Config, dump
 from mpo.train.data import TrainPlan
-from mpo.train.distributed import Dist, all_gather_objects, all_sum, barrier, init
+from mpo.train.distributed import Dist, all_gather_objects, barrier, init
 from mpo.train.engine import build, deepspeed_config, train_dtype
 from mpo.train.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_gb
 from mpo.train.reference import ReferenceModel, build_cache, cache_key, load_cache
@@ -77,47 +77,48 @@ class Trainer:
         # already there) keeps the first start's list as it is
         listed = self.dist.main and not resume
         self.rejects = Rejects(self.run_dir / "rejects.jsonl" if listed else None, strict=cfg.data.strict)
-        self.rendering = {"packing": self.packing.layout, "max_tokens": self.packing.max_tokens,
-                          "overlong": self.packing.overlong, "max_patches": cfg.data.max_patches}
+        self.rendering = rendering_options(self.packing, cfg.data.max_patches)
         self.train_pairs = self._pairs("train", cfg.data.train)
         self.eval_pairs = self._pairs("eval", cfg.data.eval) if cfg.data.eval else None
         self.plan = TrainPlan(self.train_pairs, seed=cfg.train.seed, global_batch_pairs=cfg.train.global_batch_pairs,
                               window=cfg.data.shuffle_window)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.plan.steps_per_epoch
         self.dtype = train_dtype(cfg, self.dist)
+        self.ds_config = deepspeed_config(cfg, self.dtype)
         self.online, self.ref = None, {}
+        self._batches, self._loader_step = None, None  # the training rows' loader, and the step it is at
         self._prepare_reference()
         if train:
-            self.engine, self.scheduler, _ = build(cfg, self.dist, self.total_steps)
-            self.flops_per_token = flops_per_token(self.engine.module, lm_head(self.engine.module.model).weight)
+            self.engine, self.scheduler = build(cfg, self.dist, self.total_steps, self.dtype, self.ds_config)
+            self.policy = self.engine.module
+            self.flops_per_token = flops_per_token(self.policy, lm_head(self.policy.model).weight)
 
     def _pairs(self, split: str, data: str) -> PairDataset:
         """The split's pairs: rank 0 loads the matching index or builds it (the other ranks wait,
         then load it)."""
         cfg, main = self.cfg, self.dist.main
-        source = DataSource(data)
-        key = all_gather_objects(index_key(cfg.model.path, data, self.rendering) if main else None)[0]
-        path = index_path(cfg.data.index_dir or self.run_dir, key)
-        index, error = None, None
+        index_dir = cfg.data.index_dir or self.run_dir
+        pairs, error = None, None
         if main:
             try:
-                index = PairIndex.load(path, key)
-                if index is None:
-                    index = build_index(source, cfg.model.path, self.rendering, self.rejects, key,
-                                        workers=cfg.data.num_workers)
-                    index.save(path)
+                pairs = PairDataset.open(cfg.model.path, data, self.packing, self.rejects, max_patches=cfg.data.max_patches,
+                                         index_dir=index_dir, workers=cfg.data.num_workers)
             except (DataError, ValueError) as e:
                 error = e
-        errors = all_gather_objects(str(error) if error else None)
+        found = all_gather_objects((str(error) if error else None, pairs.index.key if pairs else None))[0]
         if error is not None:
             raise error
-        if errors[0]:
-            raise DataError(f"{split} data ({data}): {errors[0]}")
-        index = index or PairIndex.load(path, key)
-        if index is None:
-            raise FileNotFoundError(f"{path}: rank 0 wrote this pair index but rank {self.dist.rank} cannot read it; "
-                                    "the run folder (or data.index_dir) must be on a file system every node shares")
-        return PairDataset(source, index, cfg.model.path, self.packing, max_patches=cfg.data.max_patches)
+        if found[0]:
+            raise DataError(f"{split} data ({data}): {found[0]}")
+        if pairs is None:
+            path = index_path(index_dir, found[1])
+            index = PairIndex.load(path, found[1])
+            if index is None:
+                raise FileNotFoundError(f"{path}: rank 0 wrote this pair index but rank {self.dist.rank} cannot read "
+                                        "it; the run folder (or data.index_dir) must be on a file system every node "
+                                        "shares")
+            pairs = PairDataset(DataSource(data), index, cfg.model.path, self.packing, max_patches=cfg.data.max_patches)
+        return pairs
 
     # --- reference log-probs ------------------------------------------------------------------------------
 
@@ -130,7 +131,7 @@ class Trainer:
         return ReferenceModel(self.cfg.loss.reference_model or self.cfg.model.path, dtype=self.dtype,
                               dist=self.dist, zero_stage=self.cfg.deepspeed.zero_stage,
                               attention=self.cfg.model.attention,
-                              ds_config=deepspeed_config(self.cfg, self.dtype), impl=self.cfg.loss.impl)
+                              ds_config=self.ds_config, impl=self.cfg.loss.impl)
 
     def _prepare_reference(self) -> None:
         """Cache mode: build missing caches (reference model loaded only for that), load and check
@@ -188,18 +189,30 @@ class Trainer:
         SFT term is already normalised by the step's global chosen-token count, so it adds up."""
         return name in MEANS or (name.startswith("loss/") and name != "loss/sft")
 
-    def _accumulate(self, acc: dict, metrics: dict, pairs: int) -> None:
-        for name, value in metrics.items():
-            if self._per_pair(name) or name == "loss/sft":
-                acc[name] = acc.get(name, 0.0) + value.item() * (pairs if self._per_pair(name) else 1)
+    def _metric_sums(self, names: list[str], loss, metrics: dict, batch, scale: float) -> torch.Tensor:
+        """One micro-batch's contribution to the step's metrics, kept on the device (no sync)."""
+        zero = torch.zeros((), dtype=torch.float64, device=self.dist.device)
+        out = []
+        for name in names:
+            if name == "loss":
+                value = loss.detach().double() / scale
+            elif name == "row_tokens":
+                value = zero + batch.num_tokens * (batch.num_pairs > 0)
+            elif name in metrics:
+                value = metrics[name].detach().to(zero) * (batch.num_pairs if self._per_pair(name) else 1)
+            else:
+                value = zero
+            out.append(value.reshape(()))
+        return torch.stack(out)
 
-    def _global(self, acc: dict, names: list[str], pair_count: int) -> dict:
-        totals = dict(zip(names, all_sum([acc.get(n, 0.0) for n in names], self.dist.device)))
-        return {n: v / pair_count if self._per_pair(n) else v for n, v in totals.items()}
+    def _global(self, sums: torch.Tensor, names: list[str], pair_count: int) -> dict:
+        """Sum the metric sums over ranks and divide the means by the pair count: one sync."""
+        torch.distributed.all_reduce(sums)
+        return {n: v / pair_count if self._per_pair(n) else v for n, v in zip(names, sums.tolist())}
 
     def _gradients_finite(self) -> bool:
         """ZeRO stage 0 keeps plain gradients and steps a plain optimizer: check them (all ranks agree)."""
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
         finite = bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))) if grads else True
         flag = torch.tensor([1.0 if finite else 0.0], device=self.dist.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
@@ -208,39 +221,48 @@ class Trainer:
     def metric_names(self) -> list[str]:
         return ["loss", *(f"loss/{t}" for t in self.cfg.loss.types), *MEANS, "row_tokens"]
 
-    def train_step(self, step: int) -> dict:
-        start = time.perf_counter()
-        pairs, dealt = self.plan.rows(step, self.dist.world)
-        pair_count, tokens = len(pairs), self.train_pairs.chosen_tokens(pairs)
-        shift = self.engine.module.criterion.reward_shift
-        delta = shift.value
-        acc, rounds, waited = {}, max(len(rows) for rows in dealt), 0.0
-        self.engine.train()
-        for k in range(rounds):
-            ready = time.perf_counter()
-            batch = next(self._batches).to(self.dist.device, self.dtype)
-            waited += time.perf_counter() - ready
-            ref_c, ref_r = self.reference_sums("train", batch)
-            self.engine.set_gradient_accumulation_boundary(k == rounds - 1)
-            loss, metrics = self.engine(batch, ref_c, ref_r, pair_count=pair_count, chosen_token_count=tokens,
-                                        scale=self.dist.world)
-            # always backward: a non-finite loss makes non-finite gradients, and the step is then
-            # skipped as a whole (below), with every accumulated gradient of the step dropped
-            self.engine.backward(loss, scale_wrt_gas=False)
-            acc["loss"] = acc.get("loss", 0.0) + loss.item() / self.dist.world
-            acc["row_tokens"] = acc.get("row_tokens", 0.0) + batch.num_tokens * (batch.num_pairs > 0)
-            self._accumulate(acc, metrics, batch.num_pairs)
-        lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler moves on in step())
+    def forward_backward(self, batch, *, pair_count: int, chosen_tokens: int, last: bool) -> torch.Tensor:
+        """One micro-batch: its share of the step's loss, backward; -> its metric sums (on the device).
+        Always backward: a non-finite loss makes non-finite gradients, and the step is then skipped
+        as a whole (optimizer_step), with every accumulated gradient of the step dropped."""
+        ref_c, ref_r = self.reference_sums("train", batch)
+        self.engine.set_gradient_accumulation_boundary(last)
+        loss, metrics = self.engine(batch, ref_c, ref_r, pair_count=pair_count, chosen_token_count=chosen_tokens,
+                                    scale=self.dist.world)
+        self.engine.backward(loss, scale_wrt_gas=False)
+        return self._metric_sums(self.metric_names(), loss, metrics, batch, self.dist.world)
+
+    def optimizer_step(self) -> bool:
+        """Apply the step's gradients unless they are not finite on some rank; -> applied. The loss
+        then folds the step's rewards into its reward shift (applied steps only)."""
         if self.cfg.deepspeed.zero_stage == 0 and not self._gradients_finite():
             self.engine.optimizer.zero_grad()
             applied = False
         else:  # ZeRO 1-3 check the gradient norm themselves and skip (and clear) a non-finite step
             self.engine.step()
             applied = self.engine.was_step_applied()
-        out = self._global(acc, self.metric_names(), pair_count)
-        if applied and "bco_pair" in self.cfg.loss.types:
-            mean_reward = (out["rewards/chosen"] + out["rewards/rejected"]) / 2
-            shift.update(torch.tensor([mean_reward], device=self.dist.device))
+        self.policy.end_step(applied)
+        return applied
+
+    def train_step(self, step: int) -> dict:
+        start = time.perf_counter()
+        pairs, dealt = self.plan.rows(step, self.dist.world)
+        pair_count, tokens = len(pairs), self.train_pairs.chosen_tokens(pairs)
+        delta = self.policy.reward_shift.value
+        sums, rounds, waited = 0, max(len(rows) for rows in dealt), 0.0
+        if self._loader_step != step:  # the loader streams the plan's rows from the step it starts at
+            self._batches = iter(self.train_pairs.loader(self._train_rows(step), **self._loader_options()))
+        self._loader_step = step + 1
+        self.engine.train()
+        for k in range(rounds):
+            ready = time.perf_counter()
+            batch = next(self._batches).to(self.dist.device, self.dtype)
+            waited += time.perf_counter() - ready
+            sums = sums + self.forward_backward(batch, pair_count=pair_count, chosen_tokens=tokens,
+                                                last=k == rounds - 1)
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler moves on in step())
+        applied = self.optimizer_step()
+        out = self._global(sums, self.metric_names(), pair_count)
         seconds = time.perf_counter() - start
         out.update({"reward_shift": delta, "lr": lr, "pairs": pair_count, "step_s": seconds, "data_wait_s": waited,
                     "pairs/s": pair_count / seconds, "tokens/s/gpu": out["row_tokens"] / seconds / self.dist.world,
@@ -252,27 +274,25 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        pairs = self.eval_pairs
+        pairs, names = self.eval_pairs, self.metric_names()[:-1]
         rows = self._my_rows(pairs.deal(pairs.data_order_rows(), self.dist.world))
         pair_count, tokens = len(pairs.valid), pairs.chosen_tokens(pairs.valid)
-        acc = {}
+        sums = torch.zeros(len(names), dtype=torch.float64, device=self.dist.device)
         self.engine.eval()
         for batch in pairs.loader(rows, **self._loader_options()):
             batch = batch.to(self.dist.device, self.dtype)
             ref_c, ref_r = self.reference_sums("eval", batch)
             loss, metrics = self.engine(batch, ref_c, ref_r, pair_count=pair_count, chosen_token_count=tokens)
-            acc["loss"] = acc.get("loss", 0.0) + loss.item()
-            self._accumulate(acc, metrics, batch.num_pairs)
+            sums += self._metric_sums(names, loss, metrics, batch, 1.0)
         self.engine.train()
-        out = self._global(acc, self.metric_names()[:-1], pair_count)
-        return {**out, "pairs": pair_count}
+        return {**self._global(sums, names, pair_count), "pairs": pair_count}
 
     # --- the run ------------------------------------------------------------------------------------------
 
     def _state(self, step: int, skipped: int, consecutive: int) -> dict:
         return {"step": step, "skipped_steps": skipped, "consecutive_skipped": consecutive, "config": self.cfg.to_dict(),
                 "world_size": self.dist.world, "scheduler": self.scheduler.state_dict(),
-                "reward_shift": self.engine.module.criterion.reward_shift.state_dict()}
+                "reward_shift": self.policy.reward_shift.state_dict()}
 
     def run(self) -> dict:
         cfg, dist = self.cfg, self.dist
@@ -282,7 +302,7 @@ class Trainer:
                                     zero_stage=cfg.deepspeed.zero_stage)
             step, skipped, consecutive = state["step"], state["skipped_steps"], state["consecutive_skipped"]
             self.scheduler.load_state_dict(state["scheduler"])
-            self.engine.module.criterion.reward_shift.load_state_dict(state["reward_shift"])
+            self.policy.reward_shift.load_state_dict(state["reward_shift"])
         log = MetricsLog(self.run_dir, main=dist.main, total_steps=self.total_steps, start_step=step,
                          tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
         summary = {"run_dir": str(self.run_dir), "steps": self.total_steps, "train_pairs": len(self.train_pairs.valid),
@@ -290,7 +310,6 @@ class Trainer:
         if self.eval_pairs is not None and not self.resume:
             summary["eval_before"] = self.evaluate()
             log.log(step, "eval", summary["eval_before"])
-        self._batches = iter(self.train_pairs.loader(self._train_rows(step), **self._loader_options()))
         try:
             while step < self.total_steps:
                 metrics = self.train_step(step)
@@ -315,7 +334,7 @@ class Trainer:
                 summary["eval_after"] = self.evaluate()
                 log.log(step, "eval", summary["eval_after"])
         finally:
-            self._batches = None  # stops the loader's workers
+            self._batches, self._loader_step = None, None  # stops the loader's workers
             log.close()
             self.rejects.close()
         checkpoint.save(self.engine, self.run_dir, step, self._state(step, skipped, consecutive), dist,
