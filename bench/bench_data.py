@@ -27,7 +27,8 @@ from mpo.data.records import Rejects
 from mpo.data.render import Renderer
 from mpo.models.tiny import build_tiny_model
 
-RENDERING = {"packing": "prefix", "max_tokens": 16384, "overlong": "truncate", "max_patches": None}
+RENDERING = {"packing": "prefix", "max_tokens": 16384, "overlong": "truncate", "max_patches": None,
+             "max_image_pixels": 50_000_000}
 
 
 def model_with_448_tiles(root: Path) -> Path:
@@ -91,7 +92,7 @@ def index_memory(root: Path, n: int, model: Path, text: Path) -> dict:
     """Peak RSS growth of loading an n-pair index and making the training dataset from it."""
     rng = np.random.default_rng(0)
     arrays = {name: rng.integers(1, 1000, n).astype(code) for name, code in FIELDS.items()}
-    key = {"bench": n}
+    key = {"bench": n, "rendering": RENDERING}
     PairIndex(arrays, key, {}, 0).save(root / "big.safetensors")
     del arrays
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

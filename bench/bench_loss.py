@@ -91,7 +91,7 @@ class Problem:
     def loss_from_token_logps(self, token_logps):
         sums, counts = mpo.sequence_logps(token_logps, self.seq_ids, 2 * self.P)
         loss, _ = mpo.preference_loss(sums[0::2], sums[1::2], self.ref[0::2], self.ref[1::2], beta=BETA,
-                                      loss_weights=WEIGHTS, chosen_token_count=counts[0::2].sum())
+                                      loss_weights=WEIGHTS, chosen_lengths=counts[0::2])
         return loss
 
     def sums_from_token_logps(self, token_logps):
@@ -115,7 +115,7 @@ class Problem:
         sums = self.sums_from_token_logps(tok).requires_grad_()
         counts = torch.bincount(self.seq_ids, minlength=2 * self.P)
         loss, _ = mpo.preference_loss(sums[0::2], sums[1::2], self.ref[0::2], self.ref[1::2], beta=BETA,
-                                      loss_weights=WEIGHTS, chosen_token_count=counts[0::2].sum())
+                                      loss_weights=WEIGHTS, chosen_lengths=counts[0::2])
         loss.backward()
         with torch.no_grad():
             g = sums.grad[self.seq_ids]  # d loss / d token log-prob

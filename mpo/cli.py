@@ -68,6 +68,12 @@ def _packing_options(args: argparse.Namespace):
     return PackingOptions(layout=args.packing, max_tokens=args.max_tokens, overlong=args.overlong)
 
 
+def _data_source(args: argparse.Namespace):
+    from mpo.data.formats import DataSource
+
+    return DataSource(args.data, image_root=args.image_root, allow_outside_root=args.allow_outside_root)
+
+
 def _logps(args: argparse.Namespace) -> int:
     import torch
 
@@ -84,8 +90,9 @@ def _logps(args: argparse.Namespace) -> int:
         print(f"\r{pairs} pairs, {tokens} row tokens", end="", file=sys.stderr, flush=True)
 
     try:
-        summary = compute_pair_logps(args.model, args.data, out, _packing_options(args), rejects, dtype=dtype,
-                                     device=args.device, max_patches=args.max_patches, index_dir=args.index_dir,
+        summary = compute_pair_logps(args.model, _data_source(args), out, _packing_options(args), rejects, dtype=dtype,
+                                     device=args.device, max_patches=args.max_patches,
+                                     max_image_pixels=args.max_image_pixels, index_dir=args.index_dir,
                                      workers=args.workers, progress=progress)
     finally:
         rejects.close()
@@ -102,8 +109,9 @@ def _data(args: argparse.Namespace) -> int:
     rejects_path = Path(args.output_dir) / "rejects.jsonl" if args.output_dir else None
     rejects = Rejects(rejects_path, strict=args.strict)
     try:
-        result = getattr(report, args.data_command)(args.model, args.data, _packing_options(args), rejects,
-                                                    max_patches=args.max_patches, index_dir=args.index_dir,
+        result = getattr(report, args.data_command)(args.model, _data_source(args), _packing_options(args), rejects,
+                                                    max_patches=args.max_patches,
+                                                    max_image_pixels=args.max_image_pixels, index_dir=args.index_dir,
                                                     workers=args.workers)
     finally:
         rejects.close()
@@ -118,13 +126,13 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _index(args: argparse.Namespace) -> int:
-    from mpo.data.formats import DataSource
     from mpo.data.index import PairIndex, build_index, index_key, index_path, rendering_options
     from mpo.data.records import Rejects
 
     _quiet_transformers()
-    rendering = rendering_options(_packing_options(args), args.max_patches)
-    key = index_key(args.model, args.data, rendering)
+    rendering = rendering_options(_packing_options(args), args.max_patches, args.max_image_pixels)
+    source = _data_source(args)
+    key = index_key(args.model, source, rendering)
     path = index_path(args.index_dir, key)
     if PairIndex.load(path, key) is not None:
         print(f"{path} already indexes this data for this model and rendering")
@@ -135,7 +143,7 @@ def _index(args: argparse.Namespace) -> int:
         print(f"\r{n} pairs", end="", file=sys.stderr, flush=True)
 
     try:
-        index = build_index(DataSource(args.data), args.model, rendering, rejects, key, workers=args.workers,
+        index = build_index(source, args.model, rendering, rejects, key, workers=args.workers,
                             progress=progress)
         index.save(path)
     finally:
@@ -226,7 +234,8 @@ def _pairs(args: argparse.Namespace) -> int:
     if not correctness and not 0 < args.ratio < 1:
         raise ValueError(f"--ratio must be between 0 and 1, got {args.ratio}")
     source = Path(args.prompts if correctness else args.data)
-    records = read_prompts(source, need="answer" if correctness else "chosen", image_root=args.image_root)
+    records = read_prompts(source, need="answer" if correctness else "chosen", image_root=args.image_root,
+                           allow_outside_root=args.allow_outside_root)
     ranks = Ranks.init(args.device)
     sampler = Sampler(args.model, device=ranks.device, max_new_tokens=args.max_new_tokens,
                       batch_size=args.batch_size, max_patches=args.max_patches)
@@ -255,6 +264,8 @@ def _pairs(args: argparse.Namespace) -> int:
 
 
 def _add_packing_args(p: argparse.ArgumentParser, *, indexing: bool = False) -> None:
+    from mpo.data.render import MAX_IMAGE_PIXELS
+
     p.add_argument("--model", required=True, help="model folder (tokenizer, chat template, processor)")
     p.add_argument("--data", required=True, help="MMPR meta .json, .jsonl, .parquet or a saved datasets folder")
     p.add_argument("--packing", choices=["prefix", "plain", "none"], default="prefix", help="packed row layout")
@@ -263,6 +274,10 @@ def _add_packing_args(p: argparse.ArgumentParser, *, indexing: bool = False) -> 
                    help="pairs longer than a row: cut the responses, or skip the pair")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record (path:line: reason)")
     p.add_argument("--max-patches", type=int, help="image tiles per pair (default: the dataset's or processor's)")
+    p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                   help="images with more pixels are rejected, from their header")
+    p.add_argument("--image-root", help="where TRL-style records' image paths resolve (default: the data file's folder)")
+    p.add_argument("--allow-outside-root", action="store_true", help="let image paths resolve outside their root")
     p.add_argument("--workers", type=int, default=(os.cpu_count() or 1) if indexing else 0,
                    help="processes rendering pairs (0: this one)")
     p.add_argument("--index-dir", required=indexing,
@@ -349,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="output folder (MMPR: meta.json, annotations/, images/)")
         p.add_argument("--name", help="dataset name in meta.json (default: the input file's stem)")
         p.add_argument("--image-root", help="folder relative image paths resolve against (default: the file's)")
+        p.add_argument("--allow-outside-root", action="store_true",
+                       help="let image paths resolve outside --image-root (they are placed into OUT)")
         p.add_argument("--images", choices=["link", "copy"], default="link",
                        help="hard-link the images into OUT/images (copies across file systems) or copy them")
         p.add_argument("--temperature", type=float, default=1.0)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 MPO_LOSS_TYPES = ("sigmoid", "bco_pair", "sft")
+SFT_NORMALIZATIONS = ("sequence", "token")
 MPO_LOSS_WEIGHTS = (0.8, 0.2, 1.0)
 DISCOPOP_TAU = 0.05  # TRL's default temperature of the DiscoPOP modulation
 
@@ -183,12 +184,17 @@ def check_loss_spec(loss_types: Sequence[str], loss_weights: Sequence[float] | N
 def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
                     loss_types=MPO_LOSS_TYPES, loss_weights=MPO_LOSS_WEIGHTS, beta: float = 0.1,
                     reward_shift: float = 0.0, chosen_token_count=None, chosen_lengths=None,
-                    rejected_lengths=None, label_smoothing: float = 0.0, pair_count=None):
+                    rejected_lengths=None, label_smoothing: float = 0.0, pair_count=None,
+                    sft_normalization: str = "sequence"):
     """Weighted sum of preference losses over P pairs -> (loss, metrics).
 
     Inputs are per-sequence log-prob SUMS [P]. Pair terms are averaged over pairs (over
     `pair_count` when given: a global count, so that micro-batches of one step add up to the
-    step's mean); sft = -chosen_logps.sum() / chosen_token_count (default: chosen_lengths.sum()).
+    step's mean). sft_normalization "sequence" (the paper's Eq. 8, and what the MPO authors'
+    runs computed: one pair per micro-batch, a token mean within it): the mean over pairs of
+    -chosen_logps[i] / chosen_lengths[i], a pair term like the others. "token" (TRL with
+    several pairs per micro-batch): -chosen_logps.sum() / chosen_token_count (default:
+    chosen_lengths.sum()), a token-weighted mean in which long responses weigh more.
     reward_shift is bco_pair's delta. metrics (detached): rewards/chosen, rewards/rejected,
     rewards/accuracies, rewards/margins, logps/chosen, logps/rejected, and loss/<type> (this
     batch's mean of each term, unweighted).
@@ -196,6 +202,8 @@ def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected
     types, weights = check_loss_spec(loss_types, loss_weights)
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
+    if sft_normalization not in SFT_NORMALIZATIONS:
+        raise ValueError(f"sft_normalization must be one of {SFT_NORMALIZATIONS}, got {sft_normalization!r}")
     tensors = [torch.as_tensor(t) for t in (chosen_logps, rejected_logps, ref_chosen_logps,
                                              ref_rejected_logps)]
     P = tensors[0].numel()
@@ -212,7 +220,14 @@ def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected
     loss = pc.new_zeros(())
     metrics = {}
     for name, w in zip(types, weights):
-        if name == "sft":
+        if name == "sft" and sft_normalization == "sequence":
+            if chosen_lengths is None:
+                raise ValueError("sft_normalization='sequence' needs chosen_lengths")
+            lengths = torch.as_tensor(chosen_lengths).to(device=pc.device, dtype=pc.dtype).clamp(min=1)
+            per_pair = -pc / lengths
+            loss = loss + w * (per_pair.sum() / norm)
+            term = per_pair.mean()
+        elif name == "sft":
             count = chosen_token_count
             if count is None:
                 if chosen_lengths is None:

@@ -22,6 +22,7 @@ from mpo.logprobs import linear_sequence_logps
 from mpo.losses import (
     MPO_LOSS_TYPES,
     MPO_LOSS_WEIGHTS,
+    SFT_NORMALIZATIONS,
     RewardShift,
     check_loss_spec,
     preference_loss,
@@ -40,12 +41,12 @@ class _PairSpec:
 
 class _MPOPairLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, sums, ref_chosen, ref_rejected, chosen_tokens, spec: _PairSpec):
+    def forward(ctx, sums, ref_chosen, ref_rejected, chosen_tokens, chosen_lengths, spec: _PairSpec):
         from mpo.kernels.mpo_pair_loss import mpo_pair_loss
 
         loss, grad, stats = mpo_pair_loss(sums, ref_chosen, ref_rejected, chosen_tokens,
                                           beta=spec.beta, delta=spec.delta, weights=spec.weights,
-                                          pair_norm=spec.pair_norm)
+                                          pair_norm=spec.pair_norm, chosen_lengths=chosen_lengths)
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(stats)
         return loss, stats
@@ -54,7 +55,7 @@ class _MPOPairLoss(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss, _grad_stats):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None, None, None, None
+        return grad * grad_loss, None, None, None, None, None
 
 
 class MPOLoss(torch.nn.Module):
@@ -64,6 +65,8 @@ class MPOLoss(torch.nn.Module):
     ref_rejected_logps [P], bias=None, *, chosen_token_count=None, pair_count=None)
     -> (loss, metrics). seq_ids: pair i -> chosen 2i, rejected 2i + 1, -1 = not scored. P may be 0
     (a rank without pairs still takes part in the reward shift's all-reduce; its loss is 0).
+    sft_normalization: "sequence" (the paper's per-response mean, default) or "token" (see
+    `mpo.preference_loss`); chosen_token_count only serves "token".
     chosen_token_count / pair_count: global normalisers (all micro-batches and ranks of a step);
     by default this call's. The reward shift is updated by each training-mode call (the MPO
     authors' per-micro-batch cadence) unless update_shift=False, for callers that fold rewards in
@@ -73,13 +76,16 @@ class MPOLoss(torch.nn.Module):
     def __init__(self, beta: float = 0.1, loss_types: Sequence[str] = MPO_LOSS_TYPES,
                  loss_weights: Sequence[float] = MPO_LOSS_WEIGHTS,
                  reward_shift: str | RewardShift = "cumulative", *, update_shift: bool = True,
-                 label_smoothing: float = 0.0, temperature: float = 1.0, softcap: float | None = None,
-                 ignore_index: int = -100, impl: str = "auto"):
+                 label_smoothing: float = 0.0, sft_normalization: str = "sequence", temperature: float = 1.0,
+                 softcap: float | None = None, ignore_index: int = -100, impl: str = "auto"):
         super().__init__()
         self.loss_types, self.loss_weights = check_loss_spec(loss_types, loss_weights)
         if not beta > 0:
             raise ValueError(f"beta must be > 0, got {beta}")
         self.beta, self.label_smoothing = float(beta), float(label_smoothing)
+        if sft_normalization not in SFT_NORMALIZATIONS:
+            raise ValueError(f"sft_normalization must be one of {SFT_NORMALIZATIONS}, got {sft_normalization!r}")
+        self.sft_normalization = sft_normalization
         self.reward_shift = (reward_shift if isinstance(reward_shift, RewardShift)
                              else RewardShift(reward_shift))
         self.update_shift = update_shift
@@ -119,7 +125,8 @@ class MPOLoss(torch.nn.Module):
             spec = _PairSpec(self.beta, float(delta), tuple(w.get(t, 0.0) for t in _FUSED_TYPES),
                              None if pair_count is None else float(pair_count))
             tokens = torch.as_tensor(chosen_token_count, dtype=torch.float32, device=hidden.device)
-            loss, stats = _MPOPairLoss.apply(sums, ref_c, ref_r, tokens.reshape(1), spec)
+            lengths = counts[0::2].float() if self.sft_normalization == "sequence" else None
+            loss, stats = _MPOPairLoss.apply(sums, ref_c, ref_r, tokens.reshape(1), lengths, spec)
             metrics = _stat_metrics(stats, self.loss_types)
         else:
             loss, metrics = preference_loss(
@@ -127,7 +134,7 @@ class MPOLoss(torch.nn.Module):
                 loss_weights=self.loss_weights, beta=self.beta, reward_shift=delta,
                 chosen_token_count=chosen_token_count, chosen_lengths=counts[0::2],
                 rejected_lengths=counts[1::2], label_smoothing=self.label_smoothing,
-                pair_count=pair_count)
+                pair_count=pair_count, sft_normalization=self.sft_normalization)
         metrics["reward_shift"] = torch.tensor(float(delta))
         return loss, metrics
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mpo.data.formats import read_pairs
+from mpo.data.formats import DataSource, read_pairs
 from mpo.data.records import DataError, Rejects
 
 
@@ -137,6 +137,8 @@ def test_unknown_format_and_missing_path(tmp_path):
     ("{not json", "malformed meta JSON"),
     ('{"a": {"root": "x"}}', "annotation"),
     ('{"a": {"annotation": "a.jsonl", "repeat_time": 0}}', "repeat_time"),
+    ('{"a": {"annotation": "a.jsonl", "repeat_time": 1e999}}', "repeat_time must be a finite number"),
+    ('{"a": {"annotation": "a.jsonl", "repeat_time": NaN}}', "repeat_time must be a finite number"),
     ('{"a": {"annotation": "missing.jsonl"}}', "not found"),
 ])
 def test_bad_meta_files(tmp_path, meta, match):
@@ -154,6 +156,10 @@ BAD_RECORDS = {
     "identical_responses": pair(rejected="A square."),
     "image_mismatch": pair(image="ok.png", question="<image> and <image>?"),
     "missing_image": pair(image="absent.png"),
+}
+# more lines that are rejected, not fatal: reason -> raw line
+BAD_LINES = {
+    "malformed_json": '[' * 100_000 + ']' * 100_000,  # nested past the parser's recursion limit
 }
 
 
@@ -177,3 +183,48 @@ def test_strict_stops_at_the_first_bad_record_with_its_location(tmp_path, reason
     meta = mmpr(tmp_path, [pair(), BAD_RECORDS[reason], pair()])
     with pytest.raises(DataError, match=rf"a\.jsonl:2: {reason}"):
         list(read_pairs(meta, Rejects(strict=True)))
+
+
+def test_lines_that_crash_parsers_are_rejects(tmp_path):
+    """Deep nesting and bytes that are not UTF-8 are counted rejects naming their line; the
+    good records around them are all kept; a role outside system/user/assistant is rejected."""
+    png(tmp_path / "imgs" / "ok.png")
+    meta = mmpr(tmp_path, [pair(), BAD_LINES["malformed_json"], pair()])
+    with (tmp_path / "ann" / "a.jsonl").open("ab") as f:
+        f.write(b'{"question": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
+        f.write((json.dumps(pair()) + "\n").encode())
+    rejects = Rejects(tmp_path / "rejects.jsonl")
+    good = list(read_pairs(meta, rejects))
+    rejects.close()
+    assert len(good) == 3 and dict(rejects.counts) == {"malformed_json": 2}
+    listed = [json.loads(line) for line in (tmp_path / "rejects.jsonl").read_text().splitlines()]
+    assert [r["source"].rsplit(":", 1)[1] for r in listed] == ["2", "4"]
+    assert "nested too deeply" in listed[0]["detail"] and "not UTF-8" in listed[1]["detail"]
+    trl = tmp_path / "t.jsonl"
+    trl.write_text(json.dumps({"prompt": [{"role": "tool", "content": "x"}], "chosen": "a", "rejected": "b"}) + "\n")
+    with pytest.raises(DataError, match=r"t\.jsonl:1: bad_field: message role 'tool' is not one of"):
+        list(read_pairs(trl, Rejects(strict=True)))
+
+
+def test_image_paths_may_not_leave_their_root(tmp_path):
+    """Absolute paths, .. and symlinks that lead outside the dataset's root are rejects, unless
+    allowed; a symlink that stays inside is fine."""
+    png(tmp_path / "imgs" / "ok.png")
+    secret = png(tmp_path / "elsewhere" / "secret.png")
+    (tmp_path / "imgs" / "escape.png").symlink_to(secret)
+    (tmp_path / "imgs" / "inside.png").symlink_to(tmp_path / "imgs" / "ok.png")
+    records = [pair(image="ok.png"), pair(image=str(secret)), pair(image="../elsewhere/secret.png"),
+               pair(image="escape.png"), pair(image="inside.png")]
+    meta = mmpr(tmp_path, records)
+    rejects = Rejects()
+    kept = list(read_pairs(meta, rejects))
+    assert len(kept) == 2 and dict(rejects.counts) == {"image_outside_root": 3}
+    allowed = list(DataSource(meta, allow_outside_root=True).pairs(Rejects(strict=True)))
+    assert len(allowed) == 5
+    trl = tmp_path / "t" / "d.jsonl"
+    write_jsonl(trl, [{"prompt": "What?", "chosen": "a", "rejected": "b", "images": ["../imgs/ok.png"]}])
+    with pytest.raises(DataError, match=r"d\.jsonl:1: image_outside_root"):
+        list(read_pairs(trl, Rejects(strict=True)))
+    write_jsonl(trl, [{"prompt": "What?", "chosen": "a", "rejected": "b", "images": ["imgs/ok.png"]}])
+    (p,) = DataSource(trl, image_root=tmp_path).pairs(Rejects(strict=True))  # data.image_root moves the root
+    assert p[1].images == (str(tmp_path / "imgs/ok.png"),)

@@ -89,16 +89,22 @@ def test_aot_sorts_margins():
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_mpo_default_combination_and_metrics():
-    """0.8 * DPO + 0.2 * BCO(delta) + 1.0 * SFT over a token count, TRL's metric names."""
+@pytest.mark.parametrize("sft_normalization", ["sequence", "token"])
+def test_mpo_default_combination_and_metrics(sft_normalization):
+    """0.8 * DPO + 0.2 * BCO(delta) + 1.0 * SFT (per response, or over a token count), TRL's metric names."""
     P = 16
     pc, pr, rc, rr, lc, lr = random_pairs(P)
     tokens = int(lc.sum()) + 5  # a global count larger than this batch's
-    loss, m = mpo.preference_loss(pc, pr, rc, rr, beta=BETA, reward_shift=DELTA, chosen_token_count=tokens)
+    kw = {"chosen_lengths": lc} if sft_normalization == "sequence" else {"chosen_token_count": tokens}
+    loss, m = mpo.preference_loss(pc, pr, rc, rr, beta=BETA, reward_shift=DELTA, sft_normalization=sft_normalization,
+                                  **kw)
     rows = [(float(pc[i]), float(pr[i]), float(rc[i]), float(rr[i])) for i in range(P)]
     dpo = sum(-logsig(BETA * ((a - c) - (b - d))) for a, b, c, d in rows) / P
     bco = sum(by_hand("bco_pair", a, b, c, d, 1, 1) for a, b, c, d in rows) / P
-    sft = -float(pc.sum()) / tokens
+    if sft_normalization == "sequence":
+        sft = sum(-float(pc[i]) / float(lc[i]) for i in range(P)) / P
+    else:
+        sft = -float(pc.sum()) / tokens
     assert loss.item() == pytest.approx(0.8 * dpo + 0.2 * bco + sft, rel=1e-5)
     assert m["loss/sigmoid"].item() == pytest.approx(dpo, rel=1e-5)
     assert m["loss/bco_pair"].item() == pytest.approx(bco, rel=1e-5)
@@ -116,7 +122,8 @@ def test_mpo_default_combination_and_metrics():
 
 def test_pair_count_normalises_pair_terms_only():
     pc, pr, rc, rr, lc, _ = random_pairs(6, seed=1)
-    kw = dict(loss_types=["sigmoid", "sft"], loss_weights=[1.0, 1.0], beta=BETA, chosen_token_count=100)
+    kw = dict(loss_types=["sigmoid", "sft"], loss_weights=[1.0, 1.0], beta=BETA, chosen_token_count=100,
+              sft_normalization="token")
     local, _ = mpo.preference_loss(pc, pr, rc, rr, **kw)
     scaled, _ = mpo.preference_loss(pc, pr, rc, rr, pair_count=24, **kw)
     sft = -float(pc.sum()) / 100
@@ -125,8 +132,37 @@ def test_pair_count_normalises_pair_terms_only():
 
 def test_sft_count_defaults_to_chosen_lengths():
     pc, pr, rc, rr, lc, _ = random_pairs(5, seed=2)
-    loss, _ = mpo.preference_loss(pc, pr, rc, rr, loss_types=["sft"], loss_weights=[1.0], chosen_lengths=lc)
+    loss, _ = mpo.preference_loss(pc, pr, rc, rr, loss_types=["sft"], loss_weights=[1.0], chosen_lengths=lc,
+                                  sft_normalization="token")
     assert loss.item() == pytest.approx(-float(pc.sum()) / float(lc.sum()), rel=1e-6)
+
+
+def test_sequence_sft_is_the_authors_arithmetic():
+    """The MPO authors' trainer: one pair per micro-batch, the SFT term a token mean within it
+    (-log pi(y_c|x) / |y_c|), micro-batches averaged by gradient accumulation. The "sequence"
+    normalisation over the whole step, or over micro-batches with the step's pair_count, equals
+    it; the "token" one does not when lengths differ."""
+    P = 12
+    pc, pr, rc, rr, _, _ = random_pairs(P, seed=4)
+    lc = torch.tensor([20, 600, 35, 410, 88, 20, 512, 64, 300, 47, 150, 23])
+    pc = (pc * lc / 10).double().requires_grad_()  # log-probs that grow with length, as real ones do
+    authors = sum(mpo.preference_loss(pc[i:i + 1], pr[i:i + 1], rc[i:i + 1], rr[i:i + 1], beta=BETA, reward_shift=DELTA,
+                                      chosen_token_count=lc[i], sft_normalization="token")[0] for i in range(P)) / P
+    ours, _ = mpo.preference_loss(pc, pr, rc, rr, beta=BETA, reward_shift=DELTA, chosen_lengths=lc)
+    split = sum(mpo.preference_loss(pc[s], pr[s], rc[s], rr[s], beta=BETA, reward_shift=DELTA, chosen_lengths=lc[s],
+                                    pair_count=P)[0] for s in (slice(0, 5), slice(5, P)))
+    (g_authors,) = torch.autograd.grad(authors, pc)
+    (g_ours,) = torch.autograd.grad(ours, pc)
+    assert ours.item() == pytest.approx(authors.item(), rel=1e-12)
+    assert split.item() == pytest.approx(authors.item(), rel=1e-12)
+    assert torch.allclose(g_ours, g_authors, rtol=1e-12)
+    token, _ = mpo.preference_loss(pc, pr, rc, rr, beta=BETA, reward_shift=DELTA, chosen_lengths=lc,
+                                   sft_normalization="token")
+    assert abs(token.item() - authors.item()) > 1e-3 * abs(authors.item())
+    with pytest.raises(ValueError, match="needs chosen_lengths"):
+        mpo.preference_loss(pc, pr, rc, rr, chosen_token_count=100)
+    with pytest.raises(ValueError, match="sft_normalization must be one of"):
+        mpo.preference_loss(pc, pr, rc, rr, chosen_lengths=lc, sft_normalization="mean")
 
 
 def test_registry_is_extensible():
@@ -147,7 +183,8 @@ def test_registry_is_extensible():
     (dict(loss_types=["sigmoid", "sft"], loss_weights=[1.0]), "2 loss types"),
     (dict(loss_types=["sigmoid", "sigmoid"], loss_weights=[1.0, 1.0]), "twice"),
     (dict(loss_types=["sigmoid"], loss_weights=[float("nan")]), "finite"),
-    (dict(loss_types=["sft"], loss_weights=[1.0]), "chosen_token_count"),
+    (dict(loss_types=["sft"], loss_weights=[1.0]), "needs chosen_lengths"),
+    (dict(loss_types=["sft"], loss_weights=[1.0], sft_normalization="token"), "chosen_token_count"),
     (dict(loss_types=["ipo"], loss_weights=[1.0]), "chosen_lengths"),
     (dict(loss_types=["exo_pair"], loss_weights=[1.0]), "label_smoothing"),
     (dict(loss_types=["robust"], loss_weights=[1.0], label_smoothing=0.5), "label_smoothing"),

@@ -12,7 +12,8 @@ WEIGHTS = {"mpo": (0.8, 0.2, 1.0), "dpo": (1.0, 0.0, 0.0), "bco+sft": (0.0, 0.5,
 
 @pytest.mark.parametrize("weights", WEIGHTS)
 @pytest.mark.parametrize("spread", [1.0, 300.0])  # 300: |beta * margin| ~ 30+, tails of softplus
-def test_pair_kernel_matches_torch_formulas(weights, spread, poison):
+@pytest.mark.parametrize("sft_normalization", ["sequence", "token"])
+def test_pair_kernel_matches_torch_formulas(weights, spread, sft_normalization, poison):
     P, beta, delta = 37, 0.1, -0.42
     w = WEIGHTS[weights]
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
@@ -21,24 +22,27 @@ def test_pair_kernel_matches_torch_formulas(weights, spread, poison):
     ref = (sums64 + torch.randn(2 * P, generator=g, dtype=torch.float64) * spread)
     ref_c, ref_r = ref[0::2].contiguous(), ref[1::2].contiguous()
     tokens = 211.0
+    lengths = torch.randint(1, 700, (P,), generator=g)
+    sequence = sft_normalization == "sequence"
+    sft = {"sft_normalization": sft_normalization, "chosen_token_count": tokens, "chosen_lengths": lengths}
 
     sums = sums64.float().to(TRITON_DEVICE)
     loss, grad, stats = mpo_pair_loss(sums, ref_c.float().to(TRITON_DEVICE), ref_r.float().to(TRITON_DEVICE),
                                       torch.tensor([tokens], device=TRITON_DEVICE), beta=beta, delta=delta,
-                                      weights=w, pair_norm=50.0)
+                                      weights=w, pair_norm=50.0,
+                                      chosen_lengths=lengths.float().to(TRITON_DEVICE) if sequence else None)
     # float64 reference through autograd, on the same fp32-rounded inputs
     s = sums.double().cpu().requires_grad_()
     types = [t for t, wt in zip(("sigmoid", "bco_pair", "sft"), w) if wt]
     expect, m = mpo.preference_loss(s[0::2], s[1::2], ref_c.float().double(), ref_r.float().double(),
                                     loss_types=types, loss_weights=[wt for wt in w if wt], beta=beta,
-                                    reward_shift=delta, chosen_token_count=tokens, pair_count=50)
+                                    reward_shift=delta, pair_count=50, **sft)
     expect.backward()
     assert loss.item() == pytest.approx(expect.item(), rel=2e-6, abs=1e-6)
     assert torch.allclose(grad.cpu().double(), s.grad, rtol=1e-5, atol=1e-7)
     named = dict(zip(STAT_NAMES, stats.cpu().double()))
     full, fm = mpo.preference_loss(s[0::2].detach(), s[1::2].detach(), ref_c.float().double(),
-                                   ref_r.float().double(), beta=beta, reward_shift=delta,
-                                   chosen_token_count=tokens)
+                                   ref_r.float().double(), beta=beta, reward_shift=delta, **sft)
     for k, v in fm.items():
         assert named[k].item() == pytest.approx(v.item(), rel=1e-5, abs=1e-5), k
 
@@ -99,7 +103,7 @@ def test_mpo_loss_end_to_end(impl, dtype, poison):
         counts = torch.bincount(seq[seq >= 0], minlength=2 * P)
         r = ref.double().to(sums.device)
         return mpo.preference_loss(sums[0::2], sums[1::2], r[0::2] - 5.0, r[1::2] - 5.0, beta=beta,
-                                   reward_shift=delta, chosen_token_count=counts[0::2].sum())
+                                   reward_shift=delta, chosen_lengths=counts[0::2])
 
     leaves = [hidden, weight, bias]
     for x in leaves:

@@ -58,12 +58,18 @@ def annotations(out):
     ('{"question": "q", "answer": "1", "image": "missing.png"}', r"p.jsonl:2: image not found: .*missing.png"),
     ('{"question": "<image> <image>", "answer": "1", "image": "a.png"}', r"p.jsonl:2: 2 <image> placeholders for 1"),
     ('{"question": "q", "answer": "1", "image": 5}', r"p.jsonl:2: 'image' must be a path or a list"),
+    ('{"question": "q", "answer": "1", "image": "../outside.png"}', r"p.jsonl:2: image .* resolves outside the image root"),
+    ('{"question": "q", "answer": "1", "image": "link.png"}', r"p.jsonl:2: image .* resolves outside the image root"),
     ('{"id": "x", "question": "q", "answer": "1"}', r"p.jsonl:2: id 'x' repeats line 1"),
 ])
 def test_bad_prompt_lines_name_file_and_line(tmp_path, line, match):
     from PIL import Image
 
+    tmp_path = tmp_path / "in"
+    tmp_path.mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path.parent / "outside.png")
+    (tmp_path / "link.png").symlink_to(tmp_path.parent / "outside.png")
     path = tmp_path / "p.jsonl"
     path.write_text('{"id": "x", "question": "q", "answer": "1"}\n' + line + "\n")
     with pytest.raises(DataError, match=match):
@@ -224,6 +230,16 @@ def test_an_unreadable_image_is_counted_not_fatal(tmp_path, tiny_models):
                    chunk=2, desc="t", settings={}, progress=False)
     assert counts["prompts"] == 2 and counts["corrupt_image"] == 1 and counts["responses"] == 2
     assert "corrupt_image" in read_results(tmp_path / "out" / "work")["2"]["error"]
+    assert "bad.png" not in [p.name for p in (tmp_path / "out").rglob("*")]
+
+
+def test_only_image_files_are_placed_into_a_dataset(tmp_path):
+    from mpo.pairs.output import _place
+
+    (tmp_path / "key.png").write_text("-----BEGIN PRIVATE KEY-----\n")
+    with pytest.raises(ValueError, match="key.png is not a readable image"):
+        _place(tmp_path / "key.png", tmp_path, tmp_path / "out", {}, "link")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_continuation_keeps_its_leading_space_with_sentencepiece_decoders():

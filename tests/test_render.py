@@ -150,6 +150,21 @@ def test_control_tokens_in_text_are_rejected(tiny_models, image_file, text, wher
         r.render(make_pair([str(image_file)], **kw))
 
 
+def test_every_added_token_of_the_tokenizer_is_a_control_token(tiny_models, image_file):
+    """Taken from the tokenizer, not a hand-kept list: each special or added token is refused in
+    any message (system and assistant turns too), the data's own <image> placeholder is not."""
+    r = Renderer(tiny_models["internvl"])
+    tokens = set(r.tokenizer.all_special_tokens) | set(r.tokenizer.get_added_vocab())
+    assert len(tokens - {"<image>"}) >= 5
+    for token in sorted(tokens - {"<image>"}):
+        for role in ("system", "user"):
+            pair = PreferencePair(({"role": role, "content": f"x {token} y"}, {"role": "user", "content": "<image>\nQ"}),
+                                  "a", "b", (str(image_file),))
+            with pytest.raises(BadPair, match="control token"):
+                r.render(pair)
+    r.render(make_pair([str(image_file)]))  # the placeholder itself is fine
+
+
 def test_processor_path_matches_the_composed_rule(tiny_models, image_file):
     """Where torchvision exists the model folder's AutoProcessor renders images; it must give the
     same tokens and tiles as the composed InternVL rule used without it."""
@@ -167,3 +182,23 @@ def test_processor_path_matches_the_composed_rule(tiny_models, image_file):
     r.images = composed
     b = r.render(make_pair([str(image_file)]))
     assert a.prompt_ids == b.prompt_ids and torch.equal(a.pixel_values, b.pixel_values)
+
+
+def test_responses_identical_after_truncation_are_rejected(tiny_models):
+    r = Renderer(tiny_models["qwen2"])
+    long = "the same long reasoning " * 30
+    rp = r.render(PreferencePair(({"role": "user", "content": "Q"},), long + "so yes", long + "so no"))
+    budget = len(rp.prompt_ids) + 41  # room for 21 + 21 tokens: both cut inside their shared start
+    with pytest.raises(BadPair, match="identical_responses: after cutting both"):
+        fit_to_budget(rp, "prefix", budget, "truncate")
+
+
+def test_images_over_the_pixel_limit_are_rejected_from_their_header(tiny_models, tmp_path):
+    big = tmp_path / "big.png"
+    Image.new("RGB", (400, 300)).save(big)
+    r = Renderer(tiny_models["internvl"], max_image_pixels=100_000)
+    pair = PreferencePair(({"role": "user", "content": "<image>\nWhat?"},), "a", "b", (str(big),))
+    for pixels in (True, False):
+        with pytest.raises(BadPair, match=r"image_too_large: .*400x300 > 100000 pixels"):
+            r.render(pair, pixels=pixels)
+    assert Renderer(tiny_models["internvl"], max_image_pixels=120_000).render(pair).tiles > 0

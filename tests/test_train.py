@@ -292,3 +292,18 @@ def test_loader_workers_change_nothing(tmp_path, tiny_models, demo_data):
             assert x[key] == y[key], (x["step"], key)
         assert 0 <= x["data_wait_s"] <= x["step_s"]
     assert len(list((tmp_path / "index").glob("pairs-*.safetensors"))) == 2  # train and eval, built once
+
+
+def test_a_run_that_never_trained_fails_and_exports_nothing(tmp_path, tiny_models, demo_data):
+    """Every step skipped (non-finite): a non-zero exit, no final/; metrics.jsonl stays strict JSON
+    (the non-finite loss is null); a half-written checkpoint left by a killed run is removed."""
+    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, deepspeed={"zero_stage": 0},
+                          data={"eval": ""}, optim={"lr": 1e30, "max_skipped_steps": 100},
+                          train={"max_steps": 3})
+    (tmp_path / "run" / ".checkpoint-7.tmp").mkdir(parents=True)
+    proc = mpo("train", config, "--output-dir", tmp_path / "run", check=False)
+    assert proc.returncode != 0 and "nothing was trained, no final model exported" in proc.stderr
+    assert not (tmp_path / "run" / "final").exists() and not (tmp_path / "run" / ".checkpoint-7.tmp").exists()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    parsed = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl")) for line in lines]
+    assert [r["step_applied"] for r in parsed if r["split"] == "train"][1:] == [False, False]

@@ -46,6 +46,10 @@ def test_yaml_then_overrides(tmp_path):
     ("loss.weights=[1.0]", "loss_weights has 1 entries"),
     ("optim.betas=[0.9]", "optim.betas"),
     ("train.max_steps", "expected section.key=value"),
+    ("optim.lr=.nan", "optim.lr: nan is not a finite number"),
+    ("loss.beta=.inf", "loss.beta: inf is not a finite number"),
+    ("optim.max_grad_norm=.inf", "optim.max_grad_norm: inf is not a finite number"),
+    ("loss.weights=[0.8, .nan, 1.0]", r"loss.weights\[1\]|loss.weights: nan"),
 ])
 def test_bad_values_name_the_key(item, match):
     with pytest.raises(ValueError, match=match):
@@ -121,6 +125,11 @@ def test_deepspeed_json_may_not_change_what_the_trainer_derives(tmp_path):
     with pytest.raises(ValueError, match="sets zero_optimization.stage = 3, but this run derives it \\(2\\) from "
                                          "deepspeed.zero_stage"):
         deepspeed_config(cfg, torch.bfloat16)
+    for bad, match in (({"zero_optimization": True}, "zero_optimization must be an object"),
+                       ({"bf16": 1}, "bf16 must be an object"), ([1, 2], "must hold a JSON object")):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=match):
+            deepspeed_config(load_config(None, REQUIRED + [f"deepspeed.config={path}"]), torch.float32)
     path.write_text(json.dumps({"bf16": {"enabled": True}}))
     with pytest.raises(ValueError, match="sets bf16.enabled = True.*from model.dtype"):
         deepspeed_config(load_config(None, REQUIRED + [f"deepspeed.config={path}"]), torch.float32)

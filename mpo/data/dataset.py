@@ -13,6 +13,7 @@ processor changed under the same name) is an error naming its record, never a si
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from mpo.data.index import PairIndex, build_index, fingerprint, index_key, index
 from mpo.data.packing import IGNORE, PackedBatch, PackingOptions, fit_to_budget, pack_row
 from mpo.data.plan import plan_packing
 from mpo.data.records import BadPair, DataError, Rejects
-from mpo.data.render import RenderedPair, Renderer
+from mpo.data.render import MAX_IMAGE_PIXELS, RenderedPair, Renderer
 
 WINDOW = 64  # pairs per first-fit-decreasing window when rows are planned in data order
 
@@ -38,20 +39,21 @@ def blank_row() -> PackedBatch:
 
 
 class PairDataset(torch.utils.data.Dataset):
-    def __init__(self, source: DataSource, index: PairIndex, model_dir, opts: PackingOptions, *,
-                 max_patches: int | None = None):
+    def __init__(self, source: DataSource, index: PairIndex, model_dir, opts: PackingOptions):
         self.source, self.index, self.opts = source, index, opts
-        self.model_dir, self.max_patches = str(model_dir), max_patches
+        self.model_dir, self.rendering = str(model_dir), index.key["rendering"]
         self.costs = index.cost(opts.layout)
         self._renderer = None  # made where it is first used (each worker its own)
 
     @classmethod
-    def open(cls, model_dir, data, opts: PackingOptions, rejects: Rejects, *, max_patches: int | None = None,
-             index_dir=None, workers: int = 0, split: str = "train") -> PairDataset:
-        """The pairs of `data` for this model and rendering: the matching index in `index_dir`, or
-        one built now (in `workers` processes) and saved there when `index_dir` is given."""
-        rendering = rendering_options(opts, max_patches)
-        source = DataSource(data, split=split)
+    def open(cls, model_dir, data: str | Path | DataSource, opts: PackingOptions, rejects: Rejects, *,
+             max_patches: int | None = None, max_image_pixels: int | None = MAX_IMAGE_PIXELS, index_dir=None,
+             workers: int = 0) -> PairDataset:
+        """The pairs of `data` (a path, or a DataSource with its reading options) for this model and
+        rendering: the matching index in `index_dir`, or one built now (in `workers` processes) and
+        saved there when `index_dir` is given."""
+        rendering = rendering_options(opts, max_patches, max_image_pixels)
+        source = data if isinstance(data, DataSource) else DataSource(data)
         key = index_key(model_dir, data, rendering)
         path = index_path(index_dir, key) if index_dir else None
         index = PairIndex.load(path, key) if path else None
@@ -59,7 +61,7 @@ class PairDataset(torch.utils.data.Dataset):
             index = build_index(source, model_dir, rendering, rejects, key, workers=workers)
             if path:
                 index.save(path)
-        return cls(source, index, model_dir, opts, max_patches=max_patches)
+        return cls(source, index, model_dir, opts)
 
     @property
     def valid(self) -> np.ndarray:
@@ -82,7 +84,8 @@ class PairDataset(torch.utils.data.Dataset):
     def render_pair(self, pair, i: int) -> RenderedPair:
         """Pair i rendered in full (BadPair if it cannot be), checked against its index entry."""
         if self._renderer is None:
-            self._renderer = Renderer(self.model_dir, max_patches=self.max_patches)
+            self._renderer = Renderer(self.model_dir, max_patches=self.rendering["max_patches"],
+                                      max_image_pixels=self.rendering["max_image_pixels"])
         rendered = fit_to_budget(self._renderer.render(pair, i), self.opts.layout, self.opts.max_tokens,
                                  self.opts.overlong)
         if fingerprint(rendered) != int(self.index.arrays["fingerprint"][i]):

@@ -38,6 +38,7 @@ class Source:
     repeat: float = 1.0
     max_patches: int | None = None
     sample_seed: str = ""
+    allow_outside: bool = False  # images may resolve outside root
 
 
 @dataclass(frozen=True)
@@ -53,19 +54,28 @@ class DataSource:
     """A data source's files (found from the path alone, without reading records), its pairs in
     data order with their locations, and a record read back from its location."""
 
-    def __init__(self, path: str | Path, *, split: str = "train", seed: int = 0):
+    def __init__(self, path: str | Path, *, split: str = "train", seed: int = 0, image_root: str | Path | None = None,
+                 allow_outside_root: bool = False):
+        """image_root: where TRL-style records' relative image paths resolve (default: the data
+        file's folder; MMPR names its roots). Images must resolve (symlinks followed) under their
+        root unless allow_outside_root."""
         self.path, self.split = Path(path), split
+        self.options = {"split": split, "seed": seed, "image_root": str(image_root) if image_root else None,
+                        "allow_outside_root": allow_outside_root}
         if not self.path.exists():
             raise FileNotFoundError(f"preference data not found: {self.path}")
+        outside = allow_outside_root
+        base = Path(image_root) if image_root else None
         if self.path.is_dir():
-            self.sources = [Source("dataset", self.path, self.path)]
+            self.sources = [Source("dataset", self.path, base or self.path, allow_outside=outside)]
         elif self.path.suffix == ".json":
-            self.sources = _mmpr_meta_sources(self.path, seed)
+            self.sources = _mmpr_meta_sources(self.path, seed, outside)
         elif self.path.suffix == ".jsonl":
             mmpr = bool(_first_record_keys(self.path) & {"question"})
-            self.sources = [Source("mmpr" if mmpr else "jsonl", self.path, self.path.parent)]
+            self.sources = [Source("mmpr" if mmpr else "jsonl", self.path, base or self.path.parent,
+                                   allow_outside=outside)]
         elif self.path.suffix == ".parquet":
-            self.sources = [Source("parquet", self.path, self.path.parent)]
+            self.sources = [Source("parquet", self.path, base or self.path.parent, allow_outside=outside)]
         else:
             raise ValueError(f"{self.path}: unknown data format (expected an MMPR meta .json, .jsonl, "
                              ".parquet or a folder saved by `datasets`)")
@@ -104,8 +114,8 @@ class DataSource:
         name = self._source_name(src, where.line)
         obj = _parse_object(_decode(raw)) if isinstance(raw, bytes) else raw
         if src.kind == "mmpr":
-            return _mmpr_pair(obj, src.root, name, src.max_patches)
-        return _trl_pair(obj, src.root, name)
+            return _mmpr_pair(obj, src, name)
+        return _trl_pair(obj, src, name)
 
     @staticmethod
     def _source_name(src: Source, line: int) -> str:
@@ -148,6 +158,8 @@ def read_pairs(path: str | Path, rejects: Rejects, *, split: str = "train",
         yield pair
 
 
+ROLES = ("system", "user", "assistant")
+
 # --- MMPR -------------------------------------------------------------------------------------------------
 
 def _resolve(meta_dir: Path, relative: str) -> Path:
@@ -158,7 +170,7 @@ def _resolve(meta_dir: Path, relative: str) -> Path:
     return Path(relative)
 
 
-def _mmpr_meta_sources(path: Path, seed: int) -> list[Source]:
+def _mmpr_meta_sources(path: Path, seed: int, allow_outside: bool) -> list[Source]:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -171,8 +183,8 @@ def _mmpr_meta_sources(path: Path, seed: int) -> list[Source]:
         if not isinstance(entry, dict) or not isinstance(entry.get("annotation"), str):
             raise ValueError(f"{where}: needs an 'annotation' path")
         repeat = entry.get("repeat_time", 1)
-        if not isinstance(repeat, (int, float)) or not repeat > 0:
-            raise ValueError(f"{where}: repeat_time must be a number > 0, got {repeat!r}")
+        if isinstance(repeat, bool) or not isinstance(repeat, (int, float)) or not 0 < repeat < math.inf:
+            raise ValueError(f"{where}: repeat_time must be a finite number > 0, got {repeat!r}")
         max_patches = entry.get("max_dynamic_patch")
         if max_patches is not None and (not isinstance(max_patches, int) or max_patches < 1):
             raise ValueError(f"{where}: max_dynamic_patch must be an integer >= 1, got {max_patches!r}")
@@ -181,7 +193,7 @@ def _mmpr_meta_sources(path: Path, seed: int) -> list[Source]:
         if not annotation.is_file():
             missing = path.parent / entry["annotation"]
             raise FileNotFoundError(f"{where}: annotation file not found: {missing}")
-        sources.append(Source("mmpr", annotation, root, float(repeat), max_patches, f"{seed}:{name}"))
+        sources.append(Source("mmpr", annotation, root, float(repeat), max_patches, f"{seed}:{name}", allow_outside))
     return sources
 
 
@@ -231,7 +243,7 @@ def _decode(raw: bytes) -> str:
         raise BadPair("malformed_json", f"not UTF-8 at byte {e.start}") from None
 
 
-def _mmpr_pair(obj: dict, root: Path, source: str, max_patches: int | None) -> PreferencePair:
+def _mmpr_pair(obj: dict, src: Source, source: str) -> PreferencePair:
     question, chosen, rejected = (_text_field(obj, k) for k in ("question", "chosen", "rejected"))
     image = obj.get("image")
     if image is None:
@@ -242,16 +254,16 @@ def _mmpr_pair(obj: dict, root: Path, source: str, max_patches: int | None) -> P
         names = image
     else:
         raise BadPair("bad_field", "image must be a string or a list of strings")
-    images = tuple(str(_existing_image(root / name)) for name in names)
+    images = tuple(str(_image_path(src, name)) for name in names)
     question = with_placeholders(question, len(images))
     check_responses(chosen, rejected)
     return PreferencePair(({"role": "user", "content": question},), chosen, rejected, images, source,
-                          max_patches)
+                          src.max_patches)
 
 
 # --- TRL-style --------------------------------------------------------------------------------------------
 
-def _trl_pair(obj: dict, base: Path, source: str) -> PreferencePair:
+def _trl_pair(obj: dict, src: Source, source: str) -> PreferencePair:
     for key in ("prompt", "chosen", "rejected"):
         if key not in obj or obj[key] is None:
             raise BadPair("missing_field", key)
@@ -268,7 +280,7 @@ def _trl_pair(obj: dict, base: Path, source: str) -> PreferencePair:
     raw_images = obj.get("images") if obj.get("images") is not None else obj.get("image") or []
     if not isinstance(raw_images, list):
         raw_images = [raw_images]  # a single image
-    images = tuple(_image_ref(x, base) for x in raw_images)
+    images = tuple(_image_ref(x, src) for x in raw_images)
     if images and not any(IMAGE_TOKEN in m["content"] for m in messages):
         first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), 0)
         messages[first_user] = {**messages[first_user],
@@ -283,6 +295,8 @@ def _trl_pair(obj: dict, base: Path, source: str) -> PreferencePair:
 def _message(m) -> dict:
     if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
         raise BadPair("bad_field", "a message needs a string 'role' and a 'content'")
+    if m["role"] not in ROLES:
+        raise BadPair("bad_field", f"message role {m['role']!r:.40} is not one of {', '.join(ROLES)}")
     content = m["content"]
     if isinstance(content, str):
         return {"role": m["role"], "content": content}
@@ -310,11 +324,11 @@ def _response(value, key: str) -> str:
     raise BadPair("bad_field", f"{key} must be a string or one assistant message")
 
 
-def _image_ref(x, base: Path):
+def _image_ref(x, src: Source):
     if isinstance(x, dict):  # the `datasets` Image feature, undecoded
         x = x.get("bytes") or x.get("path")
     if isinstance(x, str):
-        return str(_existing_image(base / x))
+        return str(_image_path(src, x))
     if isinstance(x, (bytes, bytearray)):
         return bytes(x)
     if hasattr(x, "convert") and hasattr(x, "size"):  # a PIL image
@@ -362,6 +376,8 @@ def _parse_object(line: str) -> dict:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise BadPair("malformed_json", e.msg) from None
+    except RecursionError:
+        raise BadPair("malformed_json", "nested too deeply") from None
     if not isinstance(obj, dict):
         raise BadPair("malformed_json", f"expected an object, got {type(obj).__name__}")
     return obj
@@ -385,9 +401,14 @@ def with_placeholders(text: str, n_images: int) -> str:
     return text
 
 
-def _existing_image(path: Path) -> Path:
+def _image_path(src: Source, name: str) -> Path:
+    """An image file named by a record: it must exist and, unless the source allows otherwise,
+    resolve (symlinks followed) under the source's root: a record may not reach other files."""
+    path = src.root / name
     if not path.is_file():
         raise BadPair("missing_image", str(path))
+    if not src.allow_outside and not path.resolve().is_relative_to(src.root.resolve()):
+        raise BadPair("image_outside_root", f"{name} resolves to {path.resolve()}, outside {src.root}")
     return path
 
 

@@ -38,14 +38,14 @@ from mpo.atomic import save_atomic
 from mpo.data.formats import DataSource, Location, _resolve
 from mpo.data.packing import fit_to_budget
 from mpo.data.records import BadPair, Rejects
-from mpo.data.render import RenderedPair, Renderer
+from mpo.data.render import MAX_IMAGE_PIXELS, RenderedPair, Renderer
 
 FIELDS = {"source": "i", "offset": "q", "line": "i", "prompt": "i", "chosen": "i", "rejected": "i",
           "tiles": "h", "fingerprint": "q"}
 MEASURED = ("prompt", "chosen", "rejected", "tiles", "fingerprint")
 CHUNK = 256  # pairs a worker renders per task
 # what rendering a pair depends on besides the data and the processing files
-RENDERING = ("packing", "max_tokens", "overlong", "max_patches")
+RENDERING = ("packing", "max_tokens", "overlong", "max_patches", "max_image_pixels")
 PROCESSING_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken")
 
 
@@ -87,21 +87,22 @@ def data_files(path: Path) -> list[Path]:
     return [path]
 
 
-def rendering_options(opts, max_patches: int | None) -> dict:
-    """The RENDERING options of PackingOptions and a tile budget."""
+def rendering_options(opts, max_patches: int | None, max_image_pixels: int | None = MAX_IMAGE_PIXELS) -> dict:
+    """The RENDERING options of PackingOptions, a tile budget and an image size limit."""
     return {"packing": opts.layout, "max_tokens": opts.max_tokens, "overlong": opts.overlong,
-            "max_patches": max_patches}
+            "max_patches": max_patches, "max_image_pixels": max_image_pixels}
 
 
-def index_key(model: str | Path, data: str | Path, rendering: dict) -> dict:
-    """What the index depends on: the data files, the tokenizer and processor files (not the
-    weights) and the rendering options."""
+def index_key(model: str | Path, data: str | Path | DataSource, rendering: dict) -> dict:
+    """What the index depends on: the data files and how they are read, the tokenizer and
+    processor files (not the weights) and the rendering options."""
+    source = data if isinstance(data, DataSource) else DataSource(data)
     missing = set(RENDERING) - set(rendering)
     assert not missing, missing
     if not Path(model).is_dir():
         raise FileNotFoundError(f"model folder not found: {model}")
     files = [p for p in Path(model).iterdir() if p.is_file() and p.suffix in PROCESSING_SUFFIXES]
-    return {"data": tree_digest(data_files(Path(data))), "processing": tree_digest(files),
+    return {"data": tree_digest(data_files(source.path)), "reading": source.options, "processing": tree_digest(files),
             "rendering": {k: rendering[k] for k in RENDERING}}
 
 
@@ -165,7 +166,8 @@ _worker: dict = {}
 
 
 def _start_worker(model_dir: str, rendering: dict) -> None:
-    _worker["renderer"] = Renderer(model_dir, max_patches=rendering["max_patches"])
+    _worker["renderer"] = Renderer(model_dir, max_patches=rendering["max_patches"],
+                                   max_image_pixels=rendering["max_image_pixels"])
     _worker["rendering"] = rendering
 
 

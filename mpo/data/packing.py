@@ -79,6 +79,8 @@ def fit_to_budget(pair: RenderedPair, layout: str, max_tokens: int, policy: str)
         C = room - R
     else:
         C, R = (room + 1) // 2, room // 2
+    if pair.chosen_ids[:C] == pair.rejected_ids[:R]:
+        raise BadPair("identical_responses", f"after cutting both to fit {max_tokens} tokens")
     return dataclasses.replace(pair, chosen_ids=pair.chosen_ids[:C], rejected_ids=pair.rejected_ids[:R])
 
 

@@ -28,6 +28,8 @@ REASONS = {
     "image_mismatch": "the <image> placeholders do not match the images",
     "missing_image": "an image file does not exist",
     "corrupt_image": "an image file cannot be decoded",
+    "image_outside_root": "an image path leads outside the dataset's image root",
+    "image_too_large": "an image has more pixels than data.max_image_pixels",
     "no_vision": "the pair has images but the model is text-only",
     "too_long": "the pair does not fit the row budget",
 }

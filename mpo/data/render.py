@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,15 +42,24 @@ class RenderedPair:
         return self.counted_tiles if self.pixel_values is None else self.pixel_values.shape[0]
 
 
-def load_image(ref) -> Image.Image:
-    """A path, encoded bytes or a PIL image -> a decoded RGB PIL image (BadPair if unreadable)."""
+MAX_IMAGE_PIXELS = 50_000_000  # data.max_image_pixels' default: far below Pillow's decompression-bomb limit
+
+
+def _check_pixels(width: int, height: int, limit: int | None, ref) -> None:
+    if limit is not None and width * height > limit:
+        name = ref if isinstance(ref, (str, Path)) else "<bytes>"
+        raise BadPair("image_too_large", f"{name}: {width}x{height} > {limit} pixels")
+
+
+def load_image(ref, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
+    """A path, encoded bytes or a PIL image -> a decoded RGB PIL image (BadPair if unreadable, or
+    larger than max_pixels: checked from the header, before decoding)."""
     try:
-        if isinstance(ref, (str, Path)):
-            with Image.open(ref) as im:
+        if isinstance(ref, (str, Path, bytes)):
+            with Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref) as im:
+                _check_pixels(*im.size, max_pixels, ref)
                 return im.convert("RGB")
-        if isinstance(ref, bytes):
-            with Image.open(io.BytesIO(ref)) as im:
-                return im.convert("RGB")
+        _check_pixels(*ref.size, max_pixels, ref)
         return ref.convert("RGB")
     except FileNotFoundError:
         raise BadPair("missing_image", str(ref)) from None
@@ -57,14 +67,16 @@ def load_image(ref) -> Image.Image:
         raise BadPair("corrupt_image", f"{ref if isinstance(ref, (str, Path)) else '<bytes>'}: {e}") from None
 
 
-def image_size(ref) -> tuple[int, int]:
-    """(height, width) of an image from its header alone (PIL opens lazily); BadPair if unreadable."""
+def image_size(ref, max_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """(height, width) of an image from its header alone (PIL opens lazily); BadPair if unreadable
+    or larger than max_pixels."""
     try:
         if isinstance(ref, (str, Path, bytes)):
             with Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref) as im:
                 width, height = im.size
-                return height, width
-        width, height = ref.size
+        else:
+            width, height = ref.size
+        _check_pixels(width, height, max_pixels, ref)
         return height, width
     except FileNotFoundError:
         raise BadPair("missing_image", str(ref)) from None
@@ -148,7 +160,8 @@ class ImageTokens:
 class Renderer:
     """Turns pairs into token ids with a model folder's tokenizer, chat template and processor."""
 
-    def __init__(self, model_dir: str | Path, *, max_patches: int | None = None):
+    def __init__(self, model_dir: str | Path, *, max_patches: int | None = None,
+                 max_image_pixels: int | None = MAX_IMAGE_PIXELS):
         from transformers import AutoConfig, AutoTokenizer
 
         self.model_dir = Path(model_dir)
@@ -156,13 +169,16 @@ class Renderer:
             raise FileNotFoundError(f"model folder not found: {self.model_dir}")
         config = AutoConfig.from_pretrained(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.max_patches = max_patches
+        self.max_patches, self.max_image_pixels = max_patches, max_image_pixels
         self.vision = getattr(config, "vision_config", None) is not None
         self.images = ImageTokens(model_dir, self.tokenizer, config.model_type) if self.vision else None
-        # Chat markup and image markup typed into the data would forge turns or image slots.
-        chat = {t for t in ("<|im_start|>", "<|im_end|>") if t in self.tokenizer.get_vocab()}
-        ends = {t for t in (self.tokenizer.eos_token, self.tokenizer.bos_token) if t}
-        self._control_tokens = chat | ends | (self.images.control_tokens() if self.vision else set())
+        # Chat markup, end-of-text, padding, image and video tokens typed into the data would forge
+        # turns or image slots: every special or added token of the tokenizer, from the tokenizer.
+        tok = self.tokenizer
+        tokens = set(tok.all_special_tokens) | set(tok.get_added_vocab())
+        tokens |= self.images.control_tokens() if self.vision else set()
+        tokens = sorted(tokens - {IMAGE_TOKEN, ""}, key=len, reverse=True)  # "<image>" is the data's placeholder
+        self._control_tokens = re.compile("|".join(map(re.escape, tokens))) if tokens else None
 
     def describe(self) -> str:
         how = f"images via {self.images.backend}" if self.images else "text-only"
@@ -173,9 +189,9 @@ class Renderer:
         if pair.images and not self.vision:
             raise BadPair("no_vision", f"{len(pair.images)} images")
         texts = [m["content"] for m in pair.prompt] + [pair.chosen, pair.rejected]
-        for token in self._control_tokens:
-            if any(token in text for text in texts):
-                raise BadPair("bad_field", f"the text contains the control token {token!r}")
+        for text in texts if self._control_tokens is not None else ():
+            if found := self._control_tokens.search(text):
+                raise BadPair("bad_field", f"the text contains the control token {found.group()!r}")
         messages = self._messages(pair.prompt)
         prompt_text = self._prompt_text(messages)
         max_patches = pair.max_patches if pair.max_patches is not None else self.max_patches
@@ -184,7 +200,7 @@ class Renderer:
             prompt_ids, pixel_values = self._encode_prompt(prompt_text, pair.images, max_patches)
             tiles = 0 if pixel_values is None else pixel_values.shape[0]
         else:
-            sizes = [image_size(ref) for ref in pair.images]
+            sizes = [image_size(ref, self.max_image_pixels) for ref in pair.images]
             (prompt_ids, tiles), pixel_values = self.images.count(prompt_text, sizes, max_patches), None
         if not prompt_ids:
             raise BadPair("bad_field", "the prompt renders to no tokens")
@@ -209,7 +225,7 @@ class Renderer:
         if images:
             if not self.vision:
                 raise BadPair("no_vision", f"{len(images)} images")
-            loaded = [load_image(ref) for ref in images]
+            loaded = [load_image(ref, self.max_image_pixels) for ref in images]
             return self.images.encode(text, loaded, max_patches)
         return self.tokenizer(text, add_special_tokens=not self._templated)["input_ids"], None
 

@@ -115,6 +115,7 @@ def _place(src: Path, image_root: Path, images_dir: Path, placed: dict, how: str
     except ValueError:
         rel = Path("external") / hashlib.sha1(str(src.resolve()).encode()).hexdigest()[:12] / src.name
     dest = images_dir / rel
+    _verify_image(src)
     if not dest.exists():
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(dest.name + ".tmp")
@@ -132,3 +133,14 @@ def _place(src: Path, image_root: Path, images_dir: Path, placed: dict, how: str
 
 def _write_json(path: Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def _verify_image(path: Path) -> None:
+    """Only image files go into a dataset (a file merely named as one, a key, is refused)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # Pillow raises many types for a file that is not an image
+        raise ValueError(f"{path} is not a readable image ({type(e).__name__}); not placed into the dataset") from None

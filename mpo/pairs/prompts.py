@@ -38,8 +38,11 @@ class PromptRecord:
         return ({"role": "user", "content": self.question},)
 
 
-def read_prompts(path: str | Path, *, need: str, image_root: str | Path | None = None) -> list[PromptRecord]:
-    """Every record of a prompts file; `need` = "answer" or "chosen" (the field the builder requires)."""
+def read_prompts(path: str | Path, *, need: str, image_root: str | Path | None = None,
+                 allow_outside_root: bool = False) -> list[PromptRecord]:
+    """Every record of a prompts file; `need` = "answer" or "chosen" (the field the builder requires).
+    Images must resolve (symlinks followed) under image_root (default: the file's folder) unless
+    allow_outside_root: they are placed into a dataset others may get."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file not found: {path}")
@@ -56,7 +59,7 @@ def read_prompts(path: str | Path, *, need: str, image_root: str | Path | None =
                 raise DataError(f"{where}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{where}: a line must be a JSON object")
-            records.append(_record(row, where, line_no, need, root))
+            records.append(_record(row, where, line_no, need, root, allow_outside_root))
             if records[-1].id in seen:
                 raise DataError(f"{where}: id {records[-1].id!r} repeats line {seen[records[-1].id]}")
             seen[records[-1].id] = line_no
@@ -65,7 +68,7 @@ def read_prompts(path: str | Path, *, need: str, image_root: str | Path | None =
     return records
 
 
-def _record(row: dict, where: str, line_no: int, need: str, root: Path) -> PromptRecord:
+def _record(row: dict, where: str, line_no: int, need: str, root: Path, allow_outside: bool) -> PromptRecord:
     question = row.get("question", row.get("prompt"))
     if not isinstance(question, str) or not question.strip():
         raise DataError(f"{where}: 'question' (or 'prompt') must be a non-empty string")
@@ -82,6 +85,9 @@ def _record(row: dict, where: str, line_no: int, need: str, root: Path) -> Promp
     for p in images:
         if not p.is_file():
             raise DataError(f"{where}: image not found: {p}")
+        if not allow_outside and not p.resolve().is_relative_to(root.resolve()):
+            raise DataError(f"{where}: image {p} resolves outside the image root {root} "
+                            "(--allow-outside-root to allow it)")
     try:
         question = with_placeholders(question, len(images))
     except BadPair as bad:
@@ -92,3 +98,4 @@ def _record(row: dict, where: str, line_no: int, need: str, root: Path) -> Promp
     known = {"id", "question", "prompt", "image", "images", "chosen", "rejected"} | ({"answer"} if need == "answer" else set())
     return PromptRecord(str(ident), question, images, value if need == "answer" else None,
                         value if need == "chosen" else None, where, {k: v for k, v in row.items() if k not in known})
+

@@ -33,6 +33,12 @@ MODEL_FILES = re.compile(r"(model.*\.safetensors|pytorch_model.*\.bin|.*\.safete
                          r"generation_config\.json)$")
 
 
+def remove_partial(run_dir: Path) -> None:
+    """Remove what a killed run left half-written (`.checkpoint-<step>.tmp`, `.final.tmp`)."""
+    for tmp in [*run_dir.glob(".checkpoint-*.tmp"), run_dir / ".final.tmp"]:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def checkpoints(run_dir: Path) -> list[Path]:
     found = [p for p in run_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))

@@ -9,6 +9,7 @@ ValueError naming the key (and the file). `mpo train --help` prints every field 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -54,6 +55,9 @@ class DataConfig:
                               "(0: in the training process)", low=0)
     prefetch_factor: int = opt(2, "rows each data worker renders ahead", low=1)
     index_dir: str = opt("", "folder of pair indexes (`mpo data index`); empty = the run folder")
+    image_root: str = opt("", "where TRL-style records' relative image paths resolve; empty = the data file's folder")
+    allow_outside_root: bool = opt(False, "let image paths resolve outside their root (MMPR: the dataset's root)")
+    max_image_pixels: int = opt(50_000_000, "images with more pixels are rejected (checked from the header)", low=1)
 
 
 @dataclass
@@ -61,6 +65,8 @@ class LossConfig:
     types: list[str] = opt(list(MPO_LOSS_TYPES), "loss types combined (sigmoid, bco_pair, sft, hinge, ipo, ...)")
     weights: list[float] = opt(list(MPO_LOSS_WEIGHTS), "one weight per loss type")
     beta: float = opt(0.1, "KL weight beta of the implicit reward", low=1e-12)
+    sft_normalization: str = opt("sequence", "sft term: per response (the paper's Eq. 8) or per chosen token (TRL)",
+                                 choices=("sequence", "token"))
     label_smoothing: float = opt(0.0, "label smoothing (cDPO / robust / exo_pair)", low=0.0, high=0.5)
     reward_shift: str = opt("cumulative", "bco_pair's reward shift delta", choices=RewardShift.MODES)
     reward_shift_momentum: float = opt(0.99, "momentum of the ema reward shift", low=0.0, high=0.999999)
@@ -166,6 +172,8 @@ def _check_field(key: str, f: dataclasses.Field, value) -> None:
     meta = f.metadata
     values = value if isinstance(value, list) else [value]
     for v in values:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{key}: {v!r} is not a finite number")
         if meta.get("choices") and v not in meta["choices"]:
             raise ValueError(f"{key}: {v!r} is not one of {list(meta['choices'])}")
         if v is not None and not isinstance(v, str) and meta.get("low") is not None and v < meta["low"]:

@@ -78,6 +78,12 @@ OWNED = {("zero_optimization", "stage"): "deepspeed.zero_stage", ("bf16", "enabl
 
 
 def _check_owned(extra: dict, generated: dict, path: Path) -> None:
+    if not isinstance(extra, dict):
+        raise ValueError(f"deepspeed.config: {path} must hold a JSON object, got {type(extra).__name__}")
+    for section in {keys[0] for keys in OWNED if len(keys) > 1} | {"zero_optimization"}:
+        # e.g. {"zero_optimization": true}, which DeepSpeed reads as stage 1 whatever zero_stage says
+        if section in extra and not isinstance(extra[section], dict):
+            raise ValueError(f"deepspeed.config: {path}: {section} must be an object, got {extra[section]!r}")
     for keys, instead in OWNED.items():
         value, mine = extra, generated
         for k in keys:
@@ -149,7 +155,8 @@ def build(cfg: Config, dist: Dist, total_steps: int, dtype: torch.dtype, ds_conf
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     shift = RewardShift(cfg.loss.reward_shift, cfg.loss.reward_shift_momentum)
     criterion = MPOLoss(cfg.loss.beta, cfg.loss.types, cfg.loss.weights, shift, update_shift=False,
-                        label_smoothing=cfg.loss.label_smoothing, softcap=logit_softcap(model), impl=cfg.loss.impl)
+                        label_smoothing=cfg.loss.label_smoothing, sft_normalization=cfg.loss.sft_normalization,
+                        softcap=logit_softcap(model), impl=cfg.loss.impl)
     policy = PolicyWithLoss(model, criterion, zero3=zero3, attention=cfg.model.attention)
 
     optimizer = torch.optim.AdamW(param_groups(policy, cfg.optim.weight_decay), lr=cfg.optim.lr,

@@ -9,6 +9,7 @@ pairs/s, tokens/s/gpu, mfu, peak_memory_gb, skipped_steps). Only rank 0 writes.
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 import time
@@ -83,8 +84,10 @@ class MetricsLog:
         if not self.main:
             return
         row = {"step": step, "split": split, "time": round(time.time(), 3), **metrics}
+        # strict JSON: a non-finite value (a skipped step's loss) is null, not NaN
+        row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row, allow_nan=False) + "\n")
         if self.writer is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):

@@ -69,6 +69,7 @@ class Trainer:
             _check_resumable(cfg, found[-1])
         if self.dist.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            checkpoint.remove_partial(self.run_dir)
             if train:
                 dump(cfg, self.run_dir / "config.yaml")
         barrier()
@@ -77,7 +78,7 @@ class Trainer:
         # already there) keeps the first start's list as it is
         listed = self.dist.main and not resume
         self.rejects = Rejects(self.run_dir / "rejects.jsonl" if listed else None, strict=cfg.data.strict)
-        self.rendering = rendering_options(self.packing, cfg.data.max_patches)
+        self.rendering = rendering_options(self.packing, cfg.data.max_patches, cfg.data.max_image_pixels)
         self.train_pairs = self._pairs("train", cfg.data.train)
         self.eval_pairs = self._pairs("eval", cfg.data.eval) if cfg.data.eval else None
         self.plan = TrainPlan(self.train_pairs, seed=cfg.train.seed, global_batch_pairs=cfg.train.global_batch_pairs,
@@ -99,9 +100,11 @@ class Trainer:
         cfg, main = self.cfg, self.dist.main
         index_dir = cfg.data.index_dir or self.run_dir
         pairs, error = None, None
+        source = DataSource(data, image_root=cfg.data.image_root or None, allow_outside_root=cfg.data.allow_outside_root)
         if main:
             try:
-                pairs = PairDataset.open(cfg.model.path, data, self.packing, self.rejects, max_patches=cfg.data.max_patches,
+                pairs = PairDataset.open(cfg.model.path, source, self.packing, self.rejects,
+                                         max_patches=cfg.data.max_patches, max_image_pixels=cfg.data.max_image_pixels,
                                          index_dir=index_dir, workers=cfg.data.num_workers)
             except (DataError, ValueError) as e:
                 error = e
@@ -117,7 +120,7 @@ class Trainer:
                 raise FileNotFoundError(f"{path}: rank 0 wrote this pair index but rank {self.dist.rank} cannot read "
                                         "it; the run folder (or data.index_dir) must be on a file system every node "
                                         "shares")
-            pairs = PairDataset(DataSource(data), index, cfg.model.path, self.packing, max_patches=cfg.data.max_patches)
+            pairs = PairDataset(source, index, cfg.model.path, self.packing)
         return pairs
 
     # --- reference log-probs ------------------------------------------------------------------------------
@@ -183,11 +186,12 @@ class Trainer:
         for step in range(start, self.total_steps):
             yield from self._my_rows(self.plan.rows(step, self.dist.world)[1])
 
-    @staticmethod
-    def _per_pair(name: str) -> bool:
-        """Metrics that are means over pairs (summed x pairs, divided by the global count); the
-        SFT term is already normalised by the step's global chosen-token count, so it adds up."""
-        return name in MEANS or (name.startswith("loss/") and name != "loss/sft")
+    def _per_pair(self, name: str) -> bool:
+        """Metrics that are means over pairs (summed x pairs, divided by the global count); a
+        token-normalised SFT term is already normalised by the step's global chosen-token count,
+        so it adds up as it is."""
+        token_sft = name == "loss/sft" and self.cfg.loss.sft_normalization == "token"
+        return name in MEANS or (name.startswith("loss/") and not token_sft)
 
     def _metric_sums(self, names: list[str], loss, metrics: dict, batch, scale: float) -> torch.Tensor:
         """One micro-batch's contribution to the step's metrics, kept on the device (no sync)."""
@@ -337,6 +341,9 @@ class Trainer:
             self._batches, self._loader_step = None, None  # stops the loader's workers
             log.close()
             self.rejects.close()
+        if skipped == step:
+            raise RuntimeError(f"every one of the {step} steps had a non-finite loss or gradient and was skipped: "
+                               "nothing was trained, no final model exported. Lower optim.lr or check the data.")
         checkpoint.save(self.engine, self.run_dir, step, self._state(step, skipped, consecutive), dist,
                         zero_stage=cfg.deepspeed.zero_stage, keep_last=cfg.checkpoint.keep_last)
         if cfg.checkpoint.export_final:
