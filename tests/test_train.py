@@ -6,6 +6,7 @@ would only slow them down; the kernels are tested elsewhere) and DeepSpeed.
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,7 +16,7 @@ import time
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.slow
 
@@ -245,8 +246,8 @@ def test_clear_errors(tmp_path, tiny_models, demo_data):
     lines = (demo_data / "annotations" / "count_train.jsonl").read_text().splitlines()
     changed.write_text("\n".join(json.dumps({**json.loads(x), "image": str(demo_data / json.loads(x)["image"])})
                                  for x in lines) + "\n")
-    proc = mpo("train", config, f"loss.reference_cache={cache}", f"data.train={changed}", "--output-dir",
-               tmp_path / "r3", check=False)
+    proc = mpo("train", config, f"loss.reference_cache={cache}", f"data.train={changed}",
+               f"data.image_root={demo_data}", "--output-dir", tmp_path / "r3", check=False)
     assert proc.returncode == 1 and "does not match this run: the data changed" in proc.stderr
     proc = mpo("train", config, "--output-dir", tmp_path / "r4", "--resume", check=False)
     assert proc.returncode == 1 and "no checkpoint" in proc.stderr
@@ -295,15 +296,24 @@ def test_loader_workers_change_nothing(tmp_path, tiny_models, demo_data):
 
 
 def test_a_run_that_never_trained_fails_and_exports_nothing(tmp_path, tiny_models, demo_data):
-    """Every step skipped (non-finite): a non-zero exit, no final/; metrics.jsonl stays strict JSON
-    (the non-finite loss is null); a half-written checkpoint left by a killed run is removed."""
-    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, deepspeed={"zero_stage": 0},
-                          data={"eval": ""}, optim={"lr": 1e30, "max_skipped_steps": 100},
+    """Every step skipped (a NaN in the tied embedding / LM head makes every loss non-finite): a non-zero exit, no final/;
+    metrics.jsonl stays strict JSON (the non-finite loss is null); a half-written checkpoint left by a killed
+    run is removed."""
+    model = tmp_path / "nan-model"
+    shutil.copytree(tiny_models["internvl"], model)
+    weights = load_file(model / "model.safetensors")
+    head = next(k for k in weights if k.endswith("embed_tokens.weight"))  # tied: the LM head too
+    weights[head][0, 0] = float("nan")
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, model={"path": str(model)},
+                          deepspeed={"zero_stage": 0}, data={"eval": ""}, optim={"max_skipped_steps": 100},
                           train={"max_steps": 3})
     (tmp_path / "run" / ".checkpoint-7.tmp").mkdir(parents=True)
     proc = mpo("train", config, "--output-dir", tmp_path / "run", check=False)
-    assert proc.returncode != 0 and "nothing was trained, no final model exported" in proc.stderr
+    assert proc.returncode != 0 and "nothing was trained, no final model exported" in proc.stderr, proc.stderr
     assert not (tmp_path / "run" / "final").exists() and not (tmp_path / "run" / ".checkpoint-7.tmp").exists()
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     parsed = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl")) for line in lines]
-    assert [r["step_applied"] for r in parsed if r["split"] == "train"][1:] == [False, False]
+    train = [r for r in parsed if r["split"] == "train"]
+    assert [r["step_applied"] for r in train] == [False, False, False]
+    assert all(r["loss"] is None for r in train)
