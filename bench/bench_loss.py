@@ -40,9 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from provenance import git_sha, versions
 
 import mpo
-from provenance import git_sha, versions
 
 MODELS = {  # name: (D, V) of the LM head
     "internvl2-8b": (4096, 92553),
@@ -354,7 +354,8 @@ def main(argv=None) -> int:
                 versions=versions(("triton", "trl", "liger-kernel", "cut-cross-entropy", "mpo")),
                 git_sha=git_sha(), dtype=args.dtype)
     print(f"# {device_name} | {meta['versions']} | git {meta['git_sha']} | {args.dtype}, T={seq_len}")
-    header = f"{'op':8} {'model':13} {'N':>6} {'impl':10} {'p50 ms':>9} {'p20-p80':>17} {'peak MB':>9} {'TFLOP/s':>8}  note"
+    header = (f"{'op':8} {'model':13} {'N':>6} {'impl':10} {'p50 ms':>9} {'p20-p80':>17} {'peak MB':>9} "
+              f"{'TFLOP/s':>8}  note")
     print(header)
     rows = []
     for model, (D, V) in models.items():

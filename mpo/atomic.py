@@ -25,8 +25,10 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def save_atomic(tensors: dict, path: str | Path, metadata: dict) -> None:
-    """A safetensors file (tensors made contiguous) with string metadata."""
+def save_atomic(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
+    """A safetensors file (tensors made contiguous) with string metadata. A failed write (full disk,
+    file-size limit) is an OSError naming the file: safetensors' own error names none."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -35,5 +37,7 @@ def save_atomic(tensors: dict, path: str | Path, metadata: dict) -> None:
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         os.replace(tmp, path)
+    except SafetensorError as e:
+        raise OSError(f"cannot write {path}: {e}") from None
     finally:
         tmp.unlink(missing_ok=True)

@@ -10,6 +10,8 @@ import platform
 import sys
 from pathlib import Path
 
+from mpo.models.tiny import ARCHS
+
 
 def _env(args: argparse.Namespace) -> int:
     """Print what the kernels would run on: versions, devices, and the dispatch decision."""
@@ -119,7 +121,8 @@ def _data(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=None if args.data_command == "check" else 2))
     elif args.data_command == "check":
         skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(result["rejected"].items())) or "none"
-        print(f"{result['valid']} valid pairs; skipped: {skipped}" + (f"; listed in {rejects.path}" if rejects.total else ""))
+        print(f"{result['valid']} valid pairs; skipped: {skipped}"
+              + (f"; listed in {rejects.path}" if rejects.total else ""))
     else:
         _print_stats(result)
     return 0
@@ -159,7 +162,8 @@ def _index(args: argparse.Namespace) -> int:
 def _print_stats(s: dict) -> None:
     t = s["tokens"]
     print(f"pairs {s['pairs']}  (rejected: {s['rejected'] or 'none'})")
-    print(f"tokens: prompt {t['prompt']}, chosen {t['chosen']}, rejected {t['rejected']}; image tiles {s['image_tiles']}")
+    print(f"tokens: prompt {t['prompt']}, chosen {t['chosen']}, rejected {t['rejected']}; "
+          f"image tiles {s['image_tiles']}")
     for layout, p in s["packing"].items():
         eff = "-" if p["efficiency"] is None else f"{100 * p['efficiency']:.1f}% real"
         print(f"{layout:7} layout: {p['row_tokens']} row tokens in {p['rows']} rows of {s['max_tokens']} ({eff})"
@@ -184,7 +188,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.config is not None and "=" in args.config and not Path(args.config).exists():
         args.overrides, args.config = [args.config, *args.overrides], None  # overrides of the demo
     if args.config is None:
-        summary, main = run_demo(args.overrides, args.output_dir, resume=args.resume)
+        summary, main = run_demo(args.overrides, args.output_dir, resume=args.resume, arch=args.demo_arch)
     else:
         cfg = _train_config(args)
         trainer = Trainer(cfg, cfg.train.output_dir, resume=args.resume)
@@ -276,7 +280,8 @@ def _add_packing_args(p: argparse.ArgumentParser, *, indexing: bool = False) -> 
     p.add_argument("--max-patches", type=int, help="image tiles per pair (default: the dataset's or processor's)")
     p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
                    help="images with more pixels are rejected, from their header")
-    p.add_argument("--image-root", help="where TRL-style records' image paths resolve (default: the data file's folder)")
+    p.add_argument("--image-root",
+                   help="where TRL-style records' image paths resolve (default: the data file's folder)")
     p.add_argument("--allow-outside-root", action="store_true", help="let image paths resolve outside their root")
     p.add_argument("--workers", type=int, default=(os.cpu_count() or 1) if indexing else 0,
                    help="processes rendering pairs (0: this one)")
@@ -298,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tiny-model", help="write a tiny random-init model folder (built locally)")
     p.add_argument("dir", help="output folder")
-    p.add_argument("--arch", choices=["internvl", "qwen2", "llama"], default="internvl")
+    p.add_argument("--arch", choices=ARCHS, default="internvl")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_tiny_model)
 
@@ -327,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.add_argument("--output-dir", help="run directory (default: the config's train.output_dir)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    p.add_argument("--demo-arch", choices=[a for a in ARCHS if a not in ("qwen2", "llama")], default="internvl",
+                   help="the built-in demo's tiny model family")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     p.set_defaults(handler=_train)
 
@@ -407,6 +414,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+    except (ValueError, OSError, ImportError) as e:  # OSError: a folder not writable, a full disk (names the path)
         print(f"mpo {args.command}: error: {e}", file=sys.stderr)
         return 1

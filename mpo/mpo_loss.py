@@ -70,7 +70,8 @@ class MPOLoss(torch.nn.Module):
     chosen_token_count / pair_count: global normalisers (all micro-batches and ranks of a step);
     by default this call's. The reward shift is updated by each training-mode call (the MPO
     authors' per-micro-batch cadence) unless update_shift=False, for callers that fold rewards in
-    themselves (the trainer: once per optimizer step, through end_step()). Metrics: TRL's names, loss/<type>, reward_shift.
+    themselves (the trainer: once per optimizer step, through end_step()). Metrics: TRL's names,
+    loss/<type>, reward_shift.
     """
 
     def __init__(self, beta: float = 0.1, loss_types: Sequence[str] = MPO_LOSS_TYPES,
@@ -113,7 +114,8 @@ class MPOLoss(torch.nn.Module):
                 if self.update_shift:
                     delta = self.reward_shift.update(rewards)
                 else:  # folded in by end_step(), with the rest of the step's rewards
-                    stat = torch.stack([rewards.double().sum(), rewards.new_tensor(rewards.numel(), dtype=torch.float64)])
+                    stat = torch.stack([rewards.double().sum(),
+                                        rewards.new_tensor(rewards.numel(), dtype=torch.float64)])
                     self._step_rewards = stat if self._step_rewards is None else self._step_rewards + stat
 
         if P == 0:

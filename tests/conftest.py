@@ -3,10 +3,15 @@
 TRITON_INTERPRET must be set before `mpo.kernels` is imported (Triton fixes the mode when a kernel
 is decorated), hence here, before any test module imports mpo. With CUDA the same tests run the
 compiled kernels on the GPU.
+
+Every test starts from a fresh random seed (Python, NumPy and torch's global generators), printed
+with its failure; MPO_TEST_SEED=<seed> replays it.
 """
 
 import os
+import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,6 +26,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def random_seed(request):
+    value = int(os.environ.get("MPO_TEST_SEED") or int.from_bytes(os.urandom(4), "little") % 2**31)
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+    request.node.user_properties.append(("seed", value))
+    return value
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.failed and "seed" in dict(item.user_properties):
+        report.sections.append(("random seed", f"replay with MPO_TEST_SEED={dict(item.user_properties)['seed']} "
+                                               f"python -m pytest '{item.nodeid}'"))
 
 
 @pytest.fixture

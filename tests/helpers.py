@@ -27,8 +27,8 @@ class Head:
 
 
 def random_head(N, D, V, dtype, device, *, bias=False, ignore_frac=0.2, seed=None, scale=1.0) -> Head:
-    """Random LM-head inputs with logits of O(scale * 3) spread; fresh unless seeded."""
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    """Random LM-head inputs with logits of O(scale * 3) spread; from the test's seed unless seeded."""
+    g = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(2**31, ())))
     h = torch.randn(N, D, generator=g)
     w = torch.randn(V, D, generator=g) * (3.0 * scale / D**0.5)
     b = torch.randn(V, generator=g) * 0.5 if bias else None
@@ -56,7 +56,7 @@ def head_logprobs_eager(hidden, weight, bias, targets, *, temperature=1.0, softc
 
 def random_seq_ids(N, num_seqs, device, *, unassigned=0.3, shuffled=True):
     """Sequence ids in runs (as in packed rows) or shuffled; some -1; some sequences empty."""
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    g = torch.Generator().manual_seed(int(torch.randint(2**31, ())))
     ids = torch.randint(0, num_seqs, (N,), generator=g)
     if not shuffled:
         ids, _ = torch.sort(ids)

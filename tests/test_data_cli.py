@@ -48,10 +48,10 @@ def test_data_stats(tiny_models, demo_data, capsys):
     assert 0.5 < s["packing"]["prefix"]["efficiency"] <= 1
 
 
-@pytest.mark.parametrize("packing", ["prefix", "plain"])
-def test_logps_command_writes_data_order_sums(tiny_models, demo_data, tmp_path, packing, capsys):
+@pytest.mark.parametrize("arch, packing", [("internvl", "prefix"), ("internvl", "plain"), ("qwen2_5_vl", "prefix")])
+def test_logps_command_writes_data_order_sums(tiny_models, demo_data, tmp_path, arch, packing, capsys):
     out = tmp_path / "ref.safetensors"
-    assert main(["logps", "--model", str(tiny_models["internvl"]), "--data", str(demo_data / "meta_heldout.json"),
+    assert main(["logps", "--model", str(tiny_models[arch]), "--data", str(demo_data / "meta_heldout.json"),
                  "--packing", packing, "--max-tokens", "600", "--out", str(out)]) == 0
     assert "9/9 pairs" in capsys.readouterr().out
     with safe_open(str(out), "pt") as f:
@@ -62,10 +62,10 @@ def test_logps_command_writes_data_order_sums(tiny_models, demo_data, tmp_path, 
     assert json.loads(meta["rendering"])["packing"] == packing and meta["pairs"] == "9"
     assert not list(tmp_path.glob(".*tmp*"))
     # each pair on its own equals the packed run, in data order
-    renderer, model = Renderer(tiny_models["internvl"]), load_model(tiny_models["internvl"])
+    renderer, model = Renderer(tiny_models[arch]), load_model(tiny_models[arch])
     for i, pair in enumerate(read_pairs(demo_data / "meta_heldout.json", Rejects())):
         with torch.no_grad():
-            sums, counts = pair_logps(model, pack_row([renderer.render(pair, i)], "plain"))
+            sums, counts = pair_logps(model, pack_row([renderer.render(pair, i)], "plain", renderer.family.positions))
         assert t["chosen_logps"][i].item() == pytest.approx(sums[0].item(), rel=1e-5)
         assert t["rejected_logps"][i].item() == pytest.approx(sums[1].item(), rel=1e-5)
         assert t["rejected_tokens"][i] == counts[1]

@@ -19,7 +19,8 @@ def test_deterministic_byte_for_byte(tmp_path):
     match, mismatch, errors = filecmp.cmpfiles(a, b, [str(f) for f in files], shallow=False)
     assert not mismatch and not errors
     c = write_demo_data(tmp_path / "c", train=12, heldout=6, seed=4)
-    assert (a / "annotations" / "count_train.jsonl").read_text() != (c / "annotations" / "count_train.jsonl").read_text()
+    assert ((a / "annotations" / "count_train.jsonl").read_text()
+            != (c / "annotations" / "count_train.jsonl").read_text())
 
 
 def test_pairs_are_well_formed(demo_data):

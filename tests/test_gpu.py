@@ -141,7 +141,8 @@ def test_packed_attention_backends_forward_and_backward(layout, backend):
     ref_leaves = [x.detach().float().requires_grad_() for x in leaves]
     doc, br = batch.doc_ids[0].cuda(), batch.branch_ids[0].cuda()
     idx = torch.arange(L, device="cuda")
-    allowed = (doc[:, None] == doc[None, :]) & (idx[None, :] <= idx[:, None]) & ~((br[:, None] == 2) & (br[None, :] == 1))
+    allowed = ((doc[:, None] == doc[None, :]) & (idx[None, :] <= idx[:, None])
+               & ~((br[:, None] == 2) & (br[None, :] == 1)))
     qf, kf, vf = ref_leaves
     s = (qf @ kf.repeat_interleave(4, 1).transpose(-1, -2)) * 0.125
     ref = (s.masked_fill(~allowed, float("-inf")).softmax(-1) @ vf.repeat_interleave(4, 1)).transpose(1, 2)

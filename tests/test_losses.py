@@ -52,9 +52,11 @@ def by_hand(name, pc, pr, rc, rr, lc, lr):
 
 
 def random_pairs(P, seed=None):
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
-    pc, pr = -torch.rand(P, generator=g, dtype=torch.float64) * 40, -torch.rand(P, generator=g, dtype=torch.float64) * 40
-    rc, rr = pc + torch.randn(P, generator=g, dtype=torch.float64) * 3, pr + torch.randn(P, generator=g, dtype=torch.float64) * 3
+    g = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(2**31, ())))
+    pc, pr = (-torch.rand(P, generator=g, dtype=torch.float64) * 40,
+              -torch.rand(P, generator=g, dtype=torch.float64) * 40)
+    rc, rr = (pc + torch.randn(P, generator=g, dtype=torch.float64) * 3,
+              pr + torch.randn(P, generator=g, dtype=torch.float64) * 3)
     lc, lr = torch.randint(1, 60, (P,), generator=g), torch.randint(1, 60, (P,), generator=g)
     return pc, pr, rc, rr, lc, lr
 

@@ -16,7 +16,7 @@ WEIGHTS = {"mpo": (0.8, 0.2, 1.0), "dpo": (1.0, 0.0, 0.0), "bco+sft": (0.0, 0.5,
 def test_pair_kernel_matches_torch_formulas(weights, spread, sft_normalization, poison):
     P, beta, delta = 37, 0.1, -0.42
     w = WEIGHTS[weights]
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    g = torch.Generator().manual_seed(int(torch.randint(2**31, ())))
     sums64 = -torch.rand(2 * P, generator=g, dtype=torch.float64) * 50 + torch.randn(2 * P, generator=g,
                                                                                      dtype=torch.float64) * spread
     ref = (sums64 + torch.randn(2 * P, generator=g, dtype=torch.float64) * spread)
@@ -56,7 +56,7 @@ def test_pair_kernel_without_chosen_tokens_is_finite():
 
 def packed_batch(P, D, V, dtype, device, seed=None):
     """A packed row: per pair a prompt (seq -1, ignored targets), chosen (2i), rejected (2i+1)."""
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    g = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(2**31, ())))
     seq = []
     for i in range(P):
         seq += [-1] * int(torch.randint(1, 9, (1,), generator=g))

@@ -23,7 +23,8 @@ def dense_reference(batch, q, k, v, scale):
     """From the definition: same document, causal, rejected never sees chosen."""
     doc, br = batch.doc_ids[0], batch.branch_ids[0]
     idx = torch.arange(doc.numel())
-    allowed = (doc[:, None] == doc[None, :]) & (idx[None, :] <= idx[:, None]) & ~((br[:, None] == 2) & (br[None, :] == 1))
+    allowed = ((doc[:, None] == doc[None, :]) & (idx[None, :] <= idx[:, None])
+               & ~((br[:, None] == 2) & (br[None, :] == 1)))
     groups = q.shape[1] // k.shape[1]
     scores = (q @ k.repeat_interleave(groups, 1).transpose(-1, -2)) * scale
     return (scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v.repeat_interleave(groups, 1)).transpose(1, 2)
@@ -35,7 +36,8 @@ def test_flex_equals_sdpa_mask_and_both_match_a_dense_reference(layout, scale):
     batch = rows(scale)[layout]
     L = batch.num_tokens
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(1, 4, L, 8, generator=g), torch.randn(1, 2, L, 8, generator=g), torch.randn(1, 2, L, 8, generator=g)
+    q, k, v = (torch.randn(1, 4, L, 8, generator=g), torch.randn(1, 2, L, 8, generator=g),
+               torch.randn(1, 2, L, 8, generator=g))
     outs = {b: packed_attention(Layer(), q, k, v, None, scaling=0.3, packing=PackingInfo.of(batch, b))[0]
             for b in ("sdpa", "flex")}
     ref = dense_reference(batch, q, k, v, 0.3)

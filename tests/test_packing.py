@@ -1,37 +1,51 @@
 """Packed rows compute exactly each pair's own log-probs: plain and prefix layouts against every
-pair run alone, unpadded, through the stock model (its own attention), on tiny InternVL, Qwen2
-and Llama models in fp32."""
+pair run alone, unpadded, through the stock model (its own attention, its own position ids), on
+tiny InternVL, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen2 and Llama models in fp32, with single-image,
+multi-image and text-only pairs (rows of text-only pairs run the vision tower on a blank image).
+The comparison is sharp enough to catch a one-position shift and any attention leak."""
+
+import dataclasses
 
 import pytest
 import torch
+from PIL import Image
 
+import mpo
 from mpo.data.formats import read_pairs
-from mpo.data.packing import IGNORE, pack_row, pair_cost
-from mpo.data.records import Rejects
+from mpo.data.packing import CHOSEN, IGNORE, REJECTED, SHARED, pack_row, pair_cost
+from mpo.data.records import PreferencePair, Rejects
 from mpo.data.render import Renderer
-from mpo.models.loading import is_vision_language, load_model, pair_logps
+from mpo.models.families import family_of
+from mpo.models.loading import lm_head, load_model, packed_hidden_states, pair_logps
+
+VISION = ("internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+TOLERANCE = 1e-5  # relative, fp32 sums
+TOKEN_TOLERANCE = 1e-4  # absolute, nats, fp32 token log-probs
 
 
-def alone(model, pair, response_ids):
-    """Sum of the response's log-probs for [prompt | response] run by itself, stock attention."""
+def alone(model, pair, response_ids) -> torch.Tensor:
+    """The response's token log-probs (float64) for [prompt | response] run by itself, stock
+    attention and the model's own position ids (Qwen-VL: its get_rope_index, from mm_token_type_ids)."""
     ids = torch.tensor([pair.prompt_ids + response_ids[:-1]])
     kwargs = dict(input_ids=ids, use_cache=False)
     if pair.pixel_values is not None:
         kwargs["pixel_values"] = pair.pixel_values
+    if pair.image_grid_thw is not None:
+        kwargs["image_grid_thw"] = pair.image_grid_thw
+        kwargs["mm_token_type_ids"] = (ids == model.config.image_token_id).int()
     logits = model(**kwargs).logits[0].double()
     P = len(pair.prompt_ids)
     scored = logits[P - 1:].log_softmax(-1)
-    return scored.gather(1, torch.tensor(response_ids)[:, None]).sum().item()
+    return scored.gather(1, torch.tensor(response_ids)[:, None])[:, 0]
 
 
 def sharpened(path, out):
     """A copy of the model whose query/key projections are large, so attention is peaked and
     every position and mask entry matters (random init gives near-uniform attention, which
     would hide a wrong position or a leaked token)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoConfig
 
-    stock_cls = AutoModelForImageTextToText if is_vision_language(AutoConfig.from_pretrained(path)) \
-        else AutoModelForCausalLM
+    stock_cls = family_of(AutoConfig.from_pretrained(path)).auto_class()
     model = stock_cls.from_pretrained(path, dtype=torch.float32)
     g = torch.Generator().manual_seed(1)
     for name, param in model.named_parameters():
@@ -45,47 +59,120 @@ def sharpened(path, out):
     return out, stock_cls
 
 
-@pytest.fixture(scope="module", params=["internvl", "qwen2", "llama"])
+def text_only(p: PreferencePair) -> PreferencePair:
+    return dataclasses.replace(p, prompt=tuple({**m, "content": m["content"].replace("<image>\n", "")}
+                                               for m in p.prompt), images=())
+
+
+def two_images(p: PreferencePair, folder) -> PreferencePair:
+    """p with a second image of another shape (so another tile count or patch grid) before it."""
+    extra = folder / f"extra-{abs(hash(p.source))}.png"
+    Image.open(p.images[0]).convert("RGB").resize((150, 48)).save(extra)
+    prompt = ({**p.prompt[0], "content": "<image>\n" + p.prompt[0]["content"]},) + p.prompt[1:]
+    return dataclasses.replace(p, prompt=prompt, images=(str(extra),) + p.images)
+
+
+@pytest.fixture(scope="module", params=["internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen2", "llama"])
 def setup(request, tiny_models, demo_data, tmp_path_factory):
+    """(model, rendered pairs, expected sums, rows): for vision models rows of single-image pairs,
+    of multi-image and text-only pairs mixed, and of text-only pairs alone; text models: text."""
     arch = request.param
     path, stock_cls = sharpened(tiny_models[arch], tmp_path_factory.mktemp(f"sharp-{arch}"))
     renderer = Renderer(path)
     pairs = list(read_pairs(demo_data / "meta_heldout.json", Rejects()))
-    if arch != "internvl":  # text-only: the same questions without their images
-        pairs = [type(p)(tuple({**m, "content": m["content"].replace("<image>\n", "")} for m in p.prompt),
-                         p.chosen, p.rejected, (), p.source) for p in pairs]
+    if arch in VISION:
+        folder = tmp_path_factory.mktemp("images")
+        pairs = (pairs[:5] + [two_images(p, folder) for p in pairs[5:7]] + [text_only(pairs[7])]
+                 + [text_only(p) for p in pairs[8:]])
+        groups = [range(5), range(5, 8), range(8, len(pairs))]
+    else:
+        pairs = [text_only(p) for p in pairs]
+        groups = [range(5), range(5, len(pairs))]
     rendered = [renderer.render(p, i) for i, p in enumerate(pairs)]
     stock = stock_cls.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
     with torch.no_grad():
         expected = [(alone(stock, p, p.chosen_ids), alone(stock, p, p.rejected_ids)) for p in rendered]
-    return load_model(path).eval(), rendered, expected
+    return load_model(path).eval(), rendered, expected, [[rendered[i] for i in g] for g in groups], stock
+
+
+def errors(model, row, batch, expected, backend="sdpa") -> tuple[float, float]:
+    """(largest relative error of the row's per-pair sums, largest absolute error of a response
+    token's log-prob) against each pair run alone. Sums are what the loss reads; single tokens are
+    where a small fault shows before a sum of a hundred tokens dilutes it."""
+    with torch.no_grad():
+        sums, counts = pair_logps(model, batch, backend=backend, impl="torch")
+        hidden = packed_hidden_states(model, batch, backend=backend)
+        tokens = mpo.linear_logprobs(hidden, lm_head(model).weight, batch.labels[0], impl="torch")
+    seq = batch.seq_ids[0]
+    worst_sum = worst_token = 0.0
+    for k, p in enumerate(row):
+        assert counts[2 * k] == len(p.chosen_ids) and counts[2 * k + 1] == len(p.rejected_ids)
+        for s in (2 * k, 2 * k + 1):
+            want = expected[p.index][s % 2]
+            worst_sum = max(worst_sum, abs(sums[s].item() - want.sum().item()) / abs(want.sum().item()))
+            worst_token = max(worst_token, (tokens[seq == s].double() - want).abs().max().item())
+    return worst_sum, worst_token
 
 
 @pytest.mark.parametrize("layout, backend", [("prefix", "sdpa"), ("plain", "sdpa"), ("none", "sdpa"),
                                              ("prefix", "flex"), ("plain", "flex")])
 def test_packed_rows_equal_each_pair_alone(setup, layout, backend):
-    model, rendered, expected = setup
-    rows = [rendered[:5], rendered[5:]] if layout != "none" else [[p] for p in rendered]
+    model, rendered, expected, rows, _ = setup
+    positions = family_of(model.config).positions
+    rows = rows if layout != "none" else [[p] for p in rendered]
     for row in rows:
-        batch = pack_row(row, layout)
+        batch = pack_row(row, layout, positions)
         assert batch.num_tokens == sum(pair_cost(p, layout) for p in row)
-        with torch.no_grad():
-            sums, counts = pair_logps(model, batch, backend=backend, impl="torch")
-        for k, p in enumerate(row):
-            assert counts[2 * k] == len(p.chosen_ids) and counts[2 * k + 1] == len(p.rejected_ids)
-            for got, want in ((sums[2 * k], expected[p.index][0]), (sums[2 * k + 1], expected[p.index][1])):
-                assert got.item() == pytest.approx(want, rel=1e-5), (layout, p.source)
+        sums, tokens = errors(model, row, batch, expected, backend)
+        assert sums < TOLERANCE and tokens < TOKEN_TOLERANCE, (layout, [p.source for p in row])
+
+
+def test_the_comparison_catches_a_shift_and_every_leak(setup):
+    """Each fault the packing must not have, injected into a correct prefix row, breaks the
+    equality far beyond its tolerance: the rejected branch's positions one later, one chosen token
+    visible to the rejected branch, two documents that see each other."""
+    model, _, _, rows, stock = setup
+    # another question's answer as the rejected response: the two part after a few tokens, so a
+    # leaked chosen token is seen by most of the rejected branch
+    row = [dataclasses.replace(p, rejected_ids=q.chosen_ids, index=k) for k, (p, q) in
+           enumerate(zip(rows[0][:3], rows[0][1:4]))]
+    with torch.no_grad():
+        expected = [(alone(stock, p, p.chosen_ids), alone(stock, p, p.rejected_ids)) for p in row]
+    batch = pack_row(row, "prefix", family_of(model.config).positions)
+    sums, tokens = errors(model, row, batch, expected)
+    assert sums < TOLERANCE and tokens < TOKEN_TOLERANCE
+    rejected = batch.branch_ids == REJECTED
+    shifted = batch.position_ids.clone()
+    shifted[..., rejected[0]] += 1
+    # the first chosen token that differs from the rejected one becomes visible to the rejected branch
+    first = row[0]
+    j = next(j for j, (c, r) in enumerate(zip(first.chosen_ids, first.rejected_ids)) if c != r)
+    leaked_branch = batch.branch_ids.clone()
+    leaked_branch[0, (batch.branch_ids[0] == CHOSEN).nonzero()[1 + j]] = SHARED
+    one_document = batch.doc_ids.clone()
+    one_document[one_document == 1] = 0
+    faults = {"shift": dataclasses.replace(batch, position_ids=shifted),
+              "chosen leak": dataclasses.replace(batch, branch_ids=leaked_branch),
+              "cross-document leak": dataclasses.replace(batch, doc_ids=one_document)}
+    for name, broken in faults.items():
+        _, tokens = errors(model, row, broken, expected)
+        assert tokens > 10 * TOKEN_TOLERANCE, name  # far outside what the equality test allows
 
 
 def test_prefix_layout_structure(setup):
-    """Labels sit only on response positions, rejected positions restart at len(prompt) - 1, each
-    image is encoded once per pair in prefix and twice in plain."""
-    _, rendered, _ = setup
+    """Labels sit only on response positions, the rejected branch takes the positions of prompt +
+    rejected alone from the prompt's last token on, each image is encoded once per pair in prefix
+    and twice in plain."""
+    model, rendered, _, _, _ = setup
+    positions = family_of(model.config).positions
     p = rendered[0]
-    prefix, plain = pack_row([p], "prefix"), pack_row([p], "plain")
+    prefix, plain = pack_row([p], "prefix", positions), pack_row([p], "plain", positions)
     P, C, R = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
     assert prefix.num_tokens == P + C + R - 1 and plain.num_tokens == 2 * P + C + R - 2
-    assert prefix.position_ids[0, P - 1 + C].item() == P - 1  # rejected branch restarts
+    rows = prefix.position_ids.reshape(-1, prefix.num_tokens)
+    alone_rejected = positions(p.prompt_ids + p.rejected_ids[:-1], p.image_grid_thw)
+    assert torch.equal(rows[:, P - 1 + C:], alone_rejected[:, P - 1:])  # the rejected branch restarts
+    assert rows[0, P - 1 + C].item() == rows[0, P - 1].item()
     labels, seq = prefix.labels[0], prefix.seq_ids[0]
     assert ((labels != IGNORE) == (seq >= 0)).all()
     assert labels[seq == 0].tolist() == p.chosen_ids and labels[seq == 1].tolist() == p.rejected_ids

@@ -58,7 +58,8 @@ def annotations(out):
     ('{"question": "q", "answer": "1", "image": "missing.png"}', r"p.jsonl:2: image not found: .*missing.png"),
     ('{"question": "<image> <image>", "answer": "1", "image": "a.png"}', r"p.jsonl:2: 2 <image> placeholders for 1"),
     ('{"question": "q", "answer": "1", "image": 5}', r"p.jsonl:2: 'image' must be a path or a list"),
-    ('{"question": "q", "answer": "1", "image": "../outside.png"}', r"p.jsonl:2: image .* resolves outside the image root"),
+    ('{"question": "q", "answer": "1", "image": "../outside.png"}',
+     r"p.jsonl:2: image .* resolves outside the image root"),
     ('{"question": "q", "answer": "1", "image": "link.png"}', r"p.jsonl:2: image .* resolves outside the image root"),
     ('{"id": "x", "question": "q", "answer": "1"}', r"p.jsonl:2: id 'x' repeats line 1"),
 ])
@@ -188,7 +189,8 @@ def test_correctness_build_with_images_writes_mmpr_the_trainer_reads(tmp_path, d
                 f"Maybe {n + 2}.\nFinal answer: {n + 2}", "Lots of shapes."][int(k)]
 
     sampler = ScriptedSampler(script)
-    counts = build(records, tmp_path / "out", name="count", image_root=demo_data, ranks=Ranks(0, 1, torch.device("cpu")),
+    counts = build(records, tmp_path / "out", name="count", image_root=demo_data,
+                   ranks=Ranks(0, 1, torch.device("cpu")),
                    process=correctness_process(sampler, samples=4, max_pairs=15), chunk=4, desc="t", settings={},
                    progress=False)
     assert counts == {"prompts": 6, "responses": 24, "correct": 6, "wrong": 12, "unparsable": 6, "pairs": 12}
@@ -215,7 +217,8 @@ def test_correctness_build_with_images_writes_mmpr_the_trainer_reads(tmp_path, d
               settings={"samples": 8}, progress=False)
 
 
-def test_an_unreadable_image_is_counted_not_fatal(tmp_path, tiny_models):
+@pytest.mark.parametrize("arch", ["internvl", "qwen2_vl"])
+def test_an_unreadable_image_is_counted_not_fatal(tmp_path, tiny_models, arch):
     from PIL import Image
 
     from mpo.pairs.generate import Sampler
@@ -224,7 +227,7 @@ def test_an_unreadable_image_is_counted_not_fatal(tmp_path, tiny_models):
     (tmp_path / "bad.png").write_bytes(b"not a png at all")
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"question": "Colour?", "answer": "red", "image": "good.png"},
                                                  {"question": "Colour?", "answer": "red", "image": "bad.png"}])
-    sampler = Sampler(tiny_models["internvl"], device=torch.device("cpu"), max_new_tokens=4, batch_size=8)
+    sampler = Sampler(tiny_models[arch], device=torch.device("cpu"), max_new_tokens=4, batch_size=8)
     counts = build(read_prompts(prompts, need="answer"), tmp_path / "out", name="p", image_root=tmp_path,
                    ranks=Ranks(0, 1, torch.device("cpu")), process=correctness_process(sampler, samples=2, max_pairs=4),
                    chunk=2, desc="t", settings={}, progress=False)
@@ -332,7 +335,8 @@ def test_dropout_ntp_with_images_resumes_after_a_kill(tmp_path, tiny_models, dem
         src = source[row["id"]]
         prefix = cut(src["chosen"], 0.5)
         assert len(prefix.split()) == len(src["chosen"].split()) // 2
-        assert row["chosen"] == src["chosen"] and row["rejected"].startswith(prefix) and row["rejected"] != src["chosen"]
+        assert (row["chosen"] == src["chosen"] and row["rejected"].startswith(prefix)
+                and row["rejected"] != src["chosen"])
         assert row["question"] == src["question"] and (out / "images" / row["image"]).is_file()
     assert json.loads((out / "summary.json").read_text())["continued"] == len(rows)
 

@@ -2,8 +2,7 @@
 
 import pytest
 
-from mpo.pairs import extract_answer, is_correct
-from mpo.pairs import answers
+from mpo.pairs import answers, extract_answer, is_correct
 
 EXTRACT = [
     ("So 3 + 4 = 7.\nFinal answer: 7", "7"),
@@ -54,11 +53,13 @@ CORRECT = [
 WRONG = [
     # numbers that look close
     ("8", "7"), ("-7", "7"), ("17", "7"), ("71", "7"), ("0.7", "7"), ("70", "7"), ("7.1", "7"), ("3.15", "3.14"),
-    ("3.1", "3.14"), ("1,235", "1234"), ("1/4", "0.75"), ("\\frac{4}{3}", "0.75"), ("0.5", "50"), ("5", "50%"), ("5000", "50%"), ("1%", "100"),
+    ("3.1", "3.14"), ("1,235", "1234"), ("1/4", "0.75"), ("\\frac{4}{3}", "0.75"), ("0.5", "50"), ("5", "50%"),
+    ("5000", "50%"), ("1%", "100"),
     ("3.4", "3"), ("12 cm", "13"), ("2.5e2", "2500"), ("4 You are a helpful AI and say more", "4"),
     ("7 is what the sum is", "7"), ("x = 6", "5"), ("", "7"),
     # multiple choice
-    ("A", "B"), ("(C)", "B"), ("BC", "B"), ("B or D", "B"), ("B, C", "B"), ("a square", "A"), ("A and C", "A"), ("B. 43", "B. 42"), ("41", "B. 42"), ("C. 42", "B. 42"), ("Bob", "B"),
+    ("A", "B"), ("(C)", "B"), ("BC", "B"), ("B or D", "B"), ("B, C", "B"), ("a square", "A"), ("A and C", "A"),
+    ("B. 43", "B. 42"), ("41", "B. 42"), ("C. 42", "B. 42"), ("Bob", "B"),
     ("because", "B"),
     # yes / no
     ("No", "yes"), ("Yes", "no"), ("not sure", "yes"), ("yesterday", "yes"), ("False", "yes"),

@@ -110,7 +110,8 @@ def test_mpo_loss_folds_a_whole_steps_rewards_at_end_step():
             assert before == pytest.approx(reference.value, rel=1e-6), step  # not moved mid-step
             assert metrics["reward_shift"].item() == pytest.approx(before, rel=1e-6), step
             sums = torch.zeros(2 * pairs, dtype=torch.float64).index_add_(
-                0, seq_ids, torch.log_softmax(hidden.double() @ weight.double().T, -1).gather(1, targets[:, None])[:, 0])
+                0, seq_ids,
+                torch.log_softmax(hidden.double() @ weight.double().T, -1).gather(1, targets[:, None])[:, 0])
             rewards.append(0.1 * torch.cat([sums[0::2] - ref_c.double(), sums[1::2] - ref_r.double()]))
         loss.end_step(applied)
         if applied:

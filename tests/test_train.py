@@ -66,9 +66,33 @@ def rows(run_dir, split="train"):
     return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
 
 
-def test_two_ranks_match_one_rank_under_zero3(tmp_path, tiny_models, demo_data):
-    """Same global batch: the same losses step for step (ZeRO-3, gloo), whatever the split."""
-    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data)
+def mixed_data(tmp_path, demo_data):
+    """The demo's training pairs, every other one without its image: text-only rows and pairs
+    beside image ones (rows without images run the vision tower on a blank image)."""
+    meta = json.loads((demo_data / "meta.json").read_text())
+    lines = []
+    for entry in meta.values():
+        lines += (demo_data / entry["annotation"]).read_text().splitlines()
+    mixed = []
+    for k, line in enumerate(lines):
+        record = json.loads(line)
+        if k % 2:
+            record.pop("image")
+            record["question"] = record["question"].replace("<image>\n", "")
+        mixed.append(json.dumps(record))
+    (tmp_path / "mixed.jsonl").write_text("\n".join(mixed) + "\n")
+    meta_file = tmp_path / "mixed.json"
+    meta_file.write_text(json.dumps({"mixed": {"root": str(demo_data), "annotation": str(tmp_path / "mixed.jsonl"),
+                                               "repeat_time": 1}}))
+    return meta_file
+
+
+@pytest.mark.parametrize("arch", ["internvl", "qwen2_5_vl"])
+def test_two_ranks_match_one_rank_under_zero3(tmp_path, tiny_models, demo_data, arch):
+    """Same global batch: the same losses step for step (ZeRO-3, gloo), whatever the split, with
+    image and text-only pairs mixed."""
+    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, model={"path": str(tiny_models[arch])},
+                          data={"train": str(mixed_data(tmp_path, demo_data))})
     mpo("train", config, "--output-dir", tmp_path / "one", "checkpoint.export_final=false")
     mpo("train", config, "--output-dir", tmp_path / "two", "checkpoint.export_final=false", ranks=2)
     one, two = rows(tmp_path / "one"), rows(tmp_path / "two")
@@ -116,6 +140,52 @@ def test_killed_and_resumed_run_ends_bit_identical(tmp_path, tiny_models, demo_d
         (tmp_path / "whole" / "checkpoint-6" / "trainer.json").read_text())["reward_shift"]
 
 
+def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, tiny_models, demo_data):
+    """Flipped bytes in tensor data or in a safetensors header, or a missing file: the resume stops before
+    reading anything, naming the file and the checkpoint to fall back to."""
+    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, train={"max_steps": 2},
+                          deepspeed={"zero_stage": 0}, checkpoint={"every_steps": 1, "export_final": False},
+                          data={"eval": ""})
+    run = tmp_path / "run"
+    mpo("train", config, "--output-dir", run)
+    ckpt = run / "checkpoint-2"
+    assert json.loads((ckpt / "digests.json").read_text()).keys() == {
+        p.name for p in ckpt.iterdir() if p.name != "digests.json"}
+    for name, where in [("optimizer.rank0.safetensors", -3), ("model.safetensors", 12), ("rng.rank0.json", None)]:
+        path = ckpt / name
+        original = path.read_bytes()
+        if where is None:
+            path.unlink()
+        else:
+            damaged = bytearray(original)
+            damaged[where] ^= 0x10
+            path.write_bytes(bytes(damaged))
+        proc = mpo("train", config, "--output-dir", run, "--resume", check=False)
+        assert proc.returncode == 1, proc.stderr
+        assert f"{path}: {'missing' if where is None else 'damaged'}" in proc.stderr, proc.stderr
+        assert "move checkpoint-2 away to resume from checkpoint-1" in proc.stderr
+        path.write_bytes(original)
+
+
+def test_a_full_disk_or_an_unwritable_folder_is_one_line(tmp_path, tiny_models, demo_data):
+    """A write that fails (here a file-size limit, as a full disk would) or an output folder that cannot be
+    made: one line naming the path, no traceback."""
+    import resource
+
+    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, train={"max_steps": 1},
+                          deepspeed={"zero_stage": 0}, data={"eval": ""})
+    limit = 800 * 1024  # above the index and reference files, below a checkpoint's optimizer state
+    proc = subprocess.run([sys.executable, "-m", "mpo", "train", str(config), "--output-dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, env=env(), timeout=900,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"mpo train: error: cannot write {tmp_path / 'run'}/")
+    (tmp_path / "a-file").write_text("")
+    proc = mpo("train", config, "--output-dir", tmp_path / "a-file" / "run", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith(f"Not a directory: '{tmp_path / 'a-file' / 'run'}'")
+
+
 def test_cached_and_online_reference_give_the_same_losses(tmp_path, tiny_models, demo_data):
     config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, deepspeed={"zero_stage": 3},
                           checkpoint={"export_final": False})
@@ -128,18 +198,36 @@ def test_cached_and_online_reference_give_the_same_losses(tmp_path, tiny_models,
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
 
 
-def test_final_export_loads_with_from_pretrained(tmp_path, tiny_models, demo_data):
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
+@pytest.mark.parametrize("arch", ["internvl", "qwen2_5_vl", "qwen3_vl", "llama"])
+def test_final_export_loads_with_from_pretrained(tmp_path, tiny_models, demo_data, arch):
+    """final/ loads with the family's Auto class, with no missing or unexpected key, and holds the trained
+    weights; the text model (Llama) also checks that no non-persistent rotary buffer is exported. The
+    Qwen-VL runs freeze the vision tower: its weights come back unchanged."""
+    from transformers import AutoConfig, AutoTokenizer
 
-    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, train={"max_steps": 2})
+    from mpo.models.families import family_of
+
+    auto = family_of(AutoConfig.from_pretrained(tiny_models[arch])).auto_class()
+    data, frozen = {}, arch.startswith("qwen")
+    if arch == "llama":
+        text = tmp_path / "text.jsonl"
+        text.write_text("".join(json.dumps({"prompt": f"Is {i} even?", "chosen": ["no", "yes"][i % 2 == 0],
+                                            "rejected": ["yes", "no"][i % 2 == 0]}) + "\n" for i in range(16)))
+        data = {"train": str(text), "eval": ""}
+    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, train={"max_steps": 2},
+                          model={"path": str(tiny_models[arch]), "freeze_vision": frozen}, data=data)
     mpo("train", config, "--output-dir", tmp_path / "run")
     final = tmp_path / "run" / "final"
-    model = AutoModelForImageTextToText.from_pretrained(final)
+    model, loading = auto.from_pretrained(final, output_loading_info=True)
+    assert not any(loading.values()), loading
     tok = AutoTokenizer.from_pretrained(final)
-    assert tok.chat_template and (final / "processor_config.json").is_file()
-    original = AutoModelForImageTextToText.from_pretrained(tiny_models["internvl"])
-    changed = [n for (n, p), (_, q) in zip(model.named_parameters(), original.named_parameters()) if not torch.equal(p, q)]
+    assert tok.chat_template
+    assert arch == "llama" or (final / "processor_config.json").is_file()
+    original = auto.from_pretrained(tiny_models[arch])
+    changed = [n for (n, p), (_, q) in zip(model.named_parameters(), original.named_parameters())
+               if not torch.equal(p, q)]
     assert changed, "training changed no weight"
+    assert not frozen or not [n for n in changed if ".visual." in n and "merger" not in n], changed
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["train"]["max_steps"] == 2
     assert {"step", "split", "loss", "rewards/accuracies", "reward_shift", "pairs/s", "tokens/s/gpu",
@@ -258,7 +346,8 @@ def test_plot(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    rows_ = [{"step": s, "split": "train", "loss": 1 / s, "rewards/accuracies": s / 10, "lr": 1e-3} for s in range(1, 6)]
+    rows_ = [{"step": s, "split": "train", "loss": 1 / s, "rewards/accuracies": s / 10, "lr": 1e-3}
+             for s in range(1, 6)]
     rows_.append({"step": 5, "split": "eval", "loss": 0.3, "rewards/accuracies": 0.7})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_))
     assert main(["plot", str(run)]) == 0
@@ -296,8 +385,8 @@ def test_loader_workers_change_nothing(tmp_path, tiny_models, demo_data):
 
 
 def test_a_run_that_never_trained_fails_and_exports_nothing(tmp_path, tiny_models, demo_data):
-    """Every step skipped (a NaN in the tied embedding / LM head makes every loss non-finite): a non-zero exit, no final/;
-    metrics.jsonl stays strict JSON (the non-finite loss is null); a half-written checkpoint left by a killed
+    """Every step skipped (a NaN in the tied embedding / LM head makes every loss non-finite): a non-zero exit,
+    no final/; metrics.jsonl stays strict JSON (the non-finite loss is null); a half-written checkpoint left by a killed
     run is removed."""
     model = tmp_path / "nan-model"
     shutil.copytree(tiny_models["internvl"], model)

@@ -88,7 +88,7 @@ def test_demo_configs_match_the_built_in_demo(monkeypatch, tmp_path):
     """configs/demo*.yaml are the built-in demo's two stages (paths aside)."""
     from mpo.train import demo
 
-    monkeypatch.setattr(demo, "prepare", lambda root: (tmp_path / "m", tmp_path / "d"))
+    monkeypatch.setattr(demo, "prepare", lambda root, arch: (tmp_path / "m", tmp_path / "d"))
     warm, mpo = demo.demo_configs(run_dir=str(tmp_path / "run"))
     for built, name in ((warm, "demo_warmup.yaml"), (mpo, "demo.yaml")):
         shipped = load_config(ROOT / "configs" / name).to_dict()

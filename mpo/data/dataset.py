@@ -20,7 +20,7 @@ import torch
 
 from mpo.data.formats import DataSource
 from mpo.data.index import PairIndex, build_index, fingerprint, index_key, index_path, rendering_options
-from mpo.data.packing import IGNORE, PackedBatch, PackingOptions, fit_to_budget, pack_row
+from mpo.data.packing import IGNORE, PackedBatch, PackingOptions, as_position_ids, fit_to_budget, pack_row
 from mpo.data.plan import plan_packing
 from mpo.data.records import BadPair, DataError, Rejects
 from mpo.data.render import MAX_IMAGE_PIXELS, RenderedPair, Renderer
@@ -28,11 +28,12 @@ from mpo.data.render import MAX_IMAGE_PIXELS, RenderedPair, Renderer
 WINDOW = 64  # pairs per first-fit-decreasing window when rows are planned in data order
 
 
-def blank_row() -> PackedBatch:
+def blank_row(position_rows: int = 1) -> PackedBatch:
     """A one-token row without pairs: keeps a rank's forward/backward count equal to the others'
     when it has fewer rows this step (ZeRO gathers parameters collectively)."""
     one = torch.zeros((1, 1), dtype=torch.long)
-    return PackedBatch(input_ids=one, position_ids=one, labels=torch.full((1, 1), IGNORE),
+    return PackedBatch(input_ids=one, position_ids=as_position_ids(torch.zeros((position_rows, 1), dtype=torch.long)),
+                       labels=torch.full((1, 1), IGNORE),
                        seq_ids=torch.full((1, 1), -1), doc_ids=one, branch_ids=one,
                        cu_seqlens=torch.tensor([0, 1], dtype=torch.int32), pixel_values=None,
                        pair_index=torch.zeros(0, dtype=torch.long), layout="plain")
@@ -81,12 +82,16 @@ class PairDataset(torch.utils.data.Dataset):
         """Pair i's record, read back from its location."""
         return self.source.read(self.index.location(i))
 
-    def render_pair(self, pair, i: int) -> RenderedPair:
-        """Pair i rendered in full (BadPair if it cannot be), checked against its index entry."""
+    @property
+    def renderer(self) -> Renderer:
         if self._renderer is None:
             self._renderer = Renderer(self.model_dir, max_patches=self.rendering["max_patches"],
                                       max_image_pixels=self.rendering["max_image_pixels"])
-        rendered = fit_to_budget(self._renderer.render(pair, i), self.opts.layout, self.opts.max_tokens,
+        return self._renderer
+
+    def render_pair(self, pair, i: int) -> RenderedPair:
+        """Pair i rendered in full (BadPair if it cannot be), checked against its index entry."""
+        rendered = fit_to_budget(self.renderer.render(pair, i), self.opts.layout, self.opts.max_tokens,
                                  self.opts.overlong)
         if fingerprint(rendered) != int(self.index.arrays["fingerprint"][i]):
             raise DataError(f"{pair.source}: the pair renders differently than when the data was indexed "
@@ -102,7 +107,10 @@ class PairDataset(torch.utils.data.Dataset):
                             "every image and lists such records)") from None
 
     def __getitem__(self, row: tuple[int, ...]) -> PackedBatch:
-        return pack_row([self.render(i) for i in row], self.opts.layout) if row else blank_row()
+        family = self.renderer.family
+        if not row:
+            return blank_row(family.position_rows)
+        return pack_row([self.render(i) for i in row], self.opts.layout, family.positions)
 
     def data_order_rows(self, window: int = WINDOW) -> list[tuple[int, ...]]:
         """All valid pairs in rows, in data order (evaluation, the reference pass)."""

@@ -6,10 +6,10 @@ decoded), applies the over-long policy and keeps, per pair, in data order:
 
   source, offset, line     int32, int64, int32   where the record is (`formats.Location`)
   prompt, chosen, rejected int32                 token counts after the over-long policy
-  tiles                    int16                 image tiles
+  tiles                    int32                 image tiles (Qwen-VL: patches)
   fingerprint              int64                 a hash of the rendered token ids; 0: rejected
 
-38 bytes a pair; records are read back by location when a row is packed, so nothing else of the
+40 bytes a pair; records are read back by location when a row is packed, so nothing else of the
 data stays in memory. Pairs are numbered in data order as the readers yield them (records
 rejected while reading get no number); a pair rejected while rendering keeps its number with
 fingerprint 0, so per-pair outputs (reference log-probs) stay aligned with the data.
@@ -41,7 +41,7 @@ from mpo.data.records import BadPair, Rejects
 from mpo.data.render import MAX_IMAGE_PIXELS, RenderedPair, Renderer
 
 FIELDS = {"source": "i", "offset": "q", "line": "i", "prompt": "i", "chosen": "i", "rejected": "i",
-          "tiles": "h", "fingerprint": "q"}
+          "tiles": "i", "fingerprint": "q"}
 MEASURED = ("prompt", "chosen", "rejected", "tiles", "fingerprint")
 CHUNK = 256  # pairs a worker renders per task
 # what rendering a pair depends on besides the data and the processing files

@@ -13,10 +13,13 @@ and the last response token (end of turn) is a target, never an input. Per pair,
            both branches take positions P-1, P, ..., exactly as if run alone after the prompt.
 - none   : the plain layout with one pair per row (for comparisons and debugging).
 
-A `PackedBatch` is one packed row (batch dimension 1, no padding): input ids, position ids,
-labels (the target each position predicts, -100 where none), seq_ids (chosen 2k / rejected 2k+1
-for the row's k-th pair, -1 elsewhere), document and branch ids, cu_seqlens (document
-boundaries) and the pixel values of the row's images in token order.
+A `PackedBatch` is one packed row (batch dimension 1, no padding): input ids, position ids
+(each document's own, as the model family computes them for the document alone: 0, 1, ... for
+text models, M-RoPE's three rows for Qwen-VL, in which a prefix document's rejected branch takes
+the ids of prompt + rejected from the prompt's end on), labels (the target each position
+predicts, -100 where none), seq_ids (chosen 2k / rejected 2k+1 for the row's k-th pair, -1
+elsewhere), document and branch ids, cu_seqlens (document boundaries) and the pixel values (and
+Qwen-VL's image grids) of the row's images in token order.
 """
 
 from __future__ import annotations
@@ -87,15 +90,16 @@ def fit_to_budget(pair: RenderedPair, layout: str, max_tokens: int, policy: str)
 @dataclass
 class PackedBatch:
     input_ids: torch.Tensor  # [1, L] int64
-    position_ids: torch.Tensor  # [1, L]
+    position_ids: torch.Tensor  # [1, L]; M-RoPE [3, 1, L]
     labels: torch.Tensor  # [1, L] target predicted at each position, -100 where none
     seq_ids: torch.Tensor  # [1, L] chosen 2k / rejected 2k+1 (k = pair within the row), -1 elsewhere
     doc_ids: torch.Tensor  # [1, L] document within the row
     branch_ids: torch.Tensor  # [1, L] SHARED / CHOSEN / REJECTED
     cu_seqlens: torch.Tensor  # [documents + 1] int32
-    pixel_values: torch.Tensor | None  # [tiles, 3, H, W]
+    pixel_values: torch.Tensor | None  # [tiles, ...]
     pair_index: torch.Tensor  # [pairs] data-stream index of the row's k-th pair
     layout: str
+    image_grid_thw: torch.Tensor | None = None  # [images, 3] (Qwen-VL)
 
     @property
     def num_pairs(self) -> int:
@@ -119,7 +123,7 @@ class _Row:
 
     def add(self, ids, pos, labels, seq, branch):
         self.ids += ids
-        self.pos += pos
+        self.pos.append(pos)
         self.labels += labels
         self.seq += seq
         self.branch += branch
@@ -136,39 +140,52 @@ def _branch(context_len: int, response: list[int], tag: int) -> tuple[list, list
     return labels, seq
 
 
-def pack_row(pairs: list[RenderedPair], layout: str) -> PackedBatch:
-    """One packed row from rendered pairs (in the given order)."""
+def arange_positions(ids: list[int], grid) -> torch.Tensor:
+    return torch.arange(len(ids))[None]
+
+
+def as_position_ids(positions: torch.Tensor) -> torch.Tensor:
+    """[rows, L] -> what the model takes: [1, L], or [rows, 1, L] for M-RoPE."""
+    return positions if positions.shape[0] == 1 else positions[:, None]
+
+
+def pack_row(pairs: list[RenderedPair], layout: str, positions=arange_positions) -> PackedBatch:
+    """One packed row from rendered pairs (in the given order). positions(ids, image_grid_thw) ->
+    [rows, len(ids)]: the position ids of a document run alone (the model family's)."""
     if layout not in LAYOUTS:
         raise ValueError(f"packing layout must be one of {LAYOUTS}, got {layout!r}")
     if not pairs:
         raise ValueError("a packed row needs at least one pair")
-    row, pixels = _Row(), []
+    row, pixels, grids = _Row(), [], []
     for k, p in enumerate(pairs):
         P, prompt = len(p.prompt_ids), p.prompt_ids
         c_in, r_in = p.chosen_ids[:-1], p.rejected_ids[:-1]
+        c_pos, r_pos = positions(prompt + c_in, p.image_grid_thw), positions(prompt + r_in, p.image_grid_thw)
+        copies = 1 if layout == "prefix" else 2  # the images go with each document
+        if p.pixel_values is not None:
+            pixels += [p.pixel_values] * copies
+        if p.image_grid_thw is not None:
+            grids += [p.image_grid_thw] * copies
         if layout == "prefix":
-            shared = prompt[:-1]
-            row.add(shared, list(range(P - 1)), [IGNORE] * (P - 1), [-1] * (P - 1), [SHARED] * (P - 1))
-            for resp, inputs, tag, branch in ((p.chosen_ids, c_in, 2 * k, CHOSEN),
-                                              (p.rejected_ids, r_in, 2 * k + 1, REJECTED)):
+            # the rejected branch continues from the prompt's end as prompt + rejected alone would
+            row.add(prompt[:-1], c_pos[:, :P - 1], [IGNORE] * (P - 1), [-1] * (P - 1), [SHARED] * (P - 1))
+            for resp, inputs, pos, tag, branch in ((p.chosen_ids, c_in, c_pos, 2 * k, CHOSEN),
+                                                   (p.rejected_ids, r_in, r_pos, 2 * k + 1, REJECTED)):
                 labels, seq = _branch(1, resp, tag)
-                row.add([prompt[-1]] + inputs, list(range(P - 1, P + len(inputs))), labels, seq,
-                        [branch] * (1 + len(inputs)))
+                row.add([prompt[-1]] + inputs, pos[:, P - 1:], labels, seq, [branch] * (1 + len(inputs)))
             row.end_document()
-            if p.pixel_values is not None:
-                pixels.append(p.pixel_values)
         else:
-            for resp, inputs, tag in ((p.chosen_ids, c_in, 2 * k), (p.rejected_ids, r_in, 2 * k + 1)):
+            for resp, inputs, pos, tag in ((p.chosen_ids, c_in, c_pos, 2 * k),
+                                           (p.rejected_ids, r_in, r_pos, 2 * k + 1)):
                 labels, seq = _branch(P, resp, tag)
-                row.add(prompt + inputs, list(range(P + len(inputs))), labels, seq, [SHARED] * (P + len(inputs)))
+                row.add(prompt + inputs, pos, labels, seq, [SHARED] * (P + len(inputs)))
                 row.end_document()
-                if p.pixel_values is not None:
-                    pixels.append(p.pixel_values)
     as_row = lambda x: torch.tensor(x, dtype=torch.long)[None]
     return PackedBatch(
-        input_ids=as_row(row.ids), position_ids=as_row(row.pos), labels=as_row(row.labels),
+        input_ids=as_row(row.ids), position_ids=as_position_ids(torch.cat(row.pos, dim=1)), labels=as_row(row.labels),
         seq_ids=as_row(row.seq), doc_ids=as_row(row.doc), branch_ids=as_row(row.branch),
         cu_seqlens=torch.tensor(row.bounds, dtype=torch.int32),
         pixel_values=torch.cat(pixels) if pixels else None,
         pair_index=torch.tensor([p.index for p in pairs], dtype=torch.long), layout=layout,
+        image_grid_thw=torch.cat(grids) if grids else None,
     )

@@ -30,6 +30,7 @@ REASONS = {
     "corrupt_image": "an image file cannot be decoded",
     "image_outside_root": "an image path leads outside the dataset's image root",
     "image_too_large": "an image has more pixels than data.max_image_pixels",
+    "image_refused": "the model's image processor refuses the image (Qwen-VL: an aspect ratio over 200)",
     "no_vision": "the pair has images but the model is text-only",
     "too_long": "the pair does not fit the row budget",
 }

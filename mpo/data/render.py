@@ -8,15 +8,14 @@ assistant turn (its text and end-of-turn), i.e. the full conversation's text min
 Text-only models use the tokenizer alone; without a chat template, prompts are joined by blank
 lines and responses end with the EOS token.
 
-`ImageTokens` is the one place that knows how images become tokens: the model folder's
-AutoProcessor when it loads, otherwise (InternVL's processor needs torchvision for its video
-half) the folder's image processor and tokenizer composed with InternVL's image-token rule.
+How images become tokens is the model family's (`mpo.models.families`): the model folder's
+AutoProcessor where it loads, otherwise its image processor and tokenizer composed with the
+family's expansion rule.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from mpo.data.records import IMAGE_TOKEN, BadPair, PreferencePair
+from mpo.models.families import family_of
 
 
 @dataclass
@@ -32,10 +32,11 @@ class RenderedPair:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
-    pixel_values: torch.Tensor | None  # [tiles, 3, H, W] float32, in placeholder order
+    pixel_values: torch.Tensor | None  # [tiles, ...] float32, in placeholder order (Qwen-VL: patch rows)
     source: str = ""
     index: int = -1  # position in the data stream
     counted_tiles: int = 0  # rendered without pixels: the tiles the images will have
+    image_grid_thw: torch.Tensor | None = None  # [images, 3] (Qwen-VL): each image's patch grid
 
     @property
     def tiles(self) -> int:
@@ -84,79 +85,6 @@ def image_size(ref, max_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[int, int
         raise BadPair("corrupt_image", f"{ref if isinstance(ref, (str, Path)) else '<bytes>'}: {e}") from None
 
 
-class ImageTokens:
-    """Prompt text with one image token per image + the images -> (input ids, pixel values)."""
-
-    def __init__(self, model_dir: str | Path, tokenizer, model_type: str):
-        self.tokenizer = tokenizer
-        self.processor = None
-        try:
-            from transformers import AutoProcessor
-
-            processor = AutoProcessor.from_pretrained(model_dir)
-            if hasattr(processor, "image_processor"):
-                self.processor = processor
-        except (ImportError, AttributeError, OSError, ValueError, TypeError):
-            pass  # e.g. InternVL's video processor without torchvision: compose below
-        if self.processor is not None:
-            self.image_token = getattr(self.processor, "image_token", None) or tokenizer.context_image_token
-            self.tokens_per_tile = getattr(self.processor, "image_seq_length", None)
-            self.image_processor = self.processor.image_processor
-            self.default_max_patches = getattr(self.image_processor, "max_patches", None)
-            self.backend = "processor"
-            return
-        if model_type != "internvl":
-            raise ValueError(f"{model_dir}: the processor does not load and there is no fallback for "
-                             f"model type {model_type!r}")
-        from transformers import AutoImageProcessor
-
-        self.image_processor = AutoImageProcessor.from_pretrained(model_dir)
-        config_file = Path(model_dir) / "processor_config.json"
-        processor_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        self.tokens_per_tile = int(processor_config.get("image_seq_length", 256))
-        self.default_max_patches = getattr(self.image_processor, "max_patches", None)
-        self.image_token = tokenizer.context_image_token
-        self.backend = "composed"
-
-    def control_tokens(self) -> set[str]:
-        """Token strings that user text must not contain: they would forge image slots."""
-        tok = self.tokenizer
-        names = ("start_image_token", "end_image_token", "context_image_token")
-        return {self.image_token} | {t for t in (getattr(tok, n, None) for n in names) if t}
-
-    def _image_kwargs(self, images: int, max_patches: int | None) -> dict:
-        """max_patches: the pair's tile budget; several images share it as InternVL does
-        (max(1, budget // images) each)."""
-        budget = max_patches if max_patches is not None else self.default_max_patches
-        return {"max_patches": max(1, budget // images)} if budget is not None else {}
-
-    def count(self, prompt_text: str, sizes: list[tuple[int, int]], max_patches: int | None) -> tuple[list[int], int]:
-        """(input ids, tiles) of the prompt from the images' (height, width) alone: the image
-        processor's own tile count, no pixels."""
-        kwargs = {"crop_to_patches": True, **self._image_kwargs(len(sizes), max_patches)}
-        tiles = [self.image_processor.get_number_of_image_patches(h, w, kwargs) for h, w in sizes]
-        return self._expand(prompt_text, tiles), sum(tiles)
-
-    def encode(self, prompt_text: str, images: list, max_patches: int | None) -> tuple[list[int], torch.Tensor]:
-        image_kwargs = self._image_kwargs(len(images), max_patches)
-        if self.processor is not None:
-            out = self.processor(text=[prompt_text], images=images, add_special_tokens=False,
-                                 return_tensors="pt", **image_kwargs)
-            return out["input_ids"][0].tolist(), out["pixel_values"].float()
-        # InternVL's rule (what InternVLProcessor does): image i's placeholder -> <img> + context
-        # token x (tokens per tile x tiles of image i) + </img>; tiles from the image processor.
-        tiled = self.image_processor(images=images, crop_to_patches=True, return_tensors="pt", **image_kwargs)
-        return self._expand(prompt_text, tiled["num_patches"].tolist()), tiled["pixel_values"].float()
-
-    def _expand(self, prompt_text: str, tiles: list[int]) -> list[int]:
-        tok = self.tokenizer
-        parts = prompt_text.split(self.image_token)
-        text = parts[0]
-        for n, rest in zip(tiles, parts[1:], strict=True):
-            text += tok.start_image_token + self.image_token * (self.tokens_per_tile * n) + tok.end_image_token + rest
-        return tok(text, add_special_tokens=False)["input_ids"]
-
-
 class Renderer:
     """Turns pairs into token ids with a model folder's tokenizer, chat template and processor."""
 
@@ -170,8 +98,12 @@ class Renderer:
         config = AutoConfig.from_pretrained(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.max_patches, self.max_image_pixels = max_patches, max_image_pixels
-        self.vision = getattr(config, "vision_config", None) is not None
-        self.images = ImageTokens(model_dir, self.tokenizer, config.model_type) if self.vision else None
+        self.family = family_of(config)
+        self.vision = self.family.vision
+        self.images = self.family.image_tokens(model_dir, self.tokenizer) if self.vision else None
+        if max_patches is not None and self.vision and not self.images.tile_budget:
+            raise ValueError(f"{model_dir}: max_patches (a tile budget) does not apply to {self.family.name} "
+                             "models: their processor sizes images by its min_pixels / max_pixels")
         # Chat markup, end-of-text, padding, image and video tokens typed into the data would forge
         # turns or image slots: every special or added token of the tokenizer, from the tokenizer.
         tok = self.tokenizer
@@ -195,9 +127,9 @@ class Renderer:
         messages = self._messages(pair.prompt)
         prompt_text = self._prompt_text(messages)
         max_patches = pair.max_patches if pair.max_patches is not None else self.max_patches
-        tiles = 0
+        tiles, grid = 0, None
         if pixels or not pair.images:
-            prompt_ids, pixel_values = self._encode_prompt(prompt_text, pair.images, max_patches)
+            prompt_ids, pixel_values, grid = self._encode_prompt(prompt_text, pair.images, max_patches)
             tiles = 0 if pixel_values is None else pixel_values.shape[0]
         else:
             sizes = [image_size(ref, self.max_image_pixels) for ref in pair.images]
@@ -208,11 +140,12 @@ class Renderer:
         rejected = self._response_ids(messages, prompt_text, pair.rejected)
         if self.vision:
             self._check_image_slots(prompt_ids, chosen + rejected, tiles)
-        return RenderedPair(prompt_ids, chosen, rejected, pixel_values, pair.source, index, tiles)
+        return RenderedPair(prompt_ids, chosen, rejected, pixel_values, pair.source, index, tiles, grid)
 
     def prompt(self, messages: list[dict] | tuple[dict, ...], images=(), max_patches: int | None = None,
-               response_prefix: str = "") -> tuple[list[int], torch.Tensor | None]:
-        """Token ids (and pixel values) of a prompt with the generation prompt, for sampling; with
+               response_prefix: str = "") -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
+        """Token ids, pixel values and image grid (None without images or grids) of a prompt with
+        the generation prompt, for sampling; with
         `response_prefix`, the assistant turn starts with that text (the model continues it)."""
         text = self._prompt_text(self._messages(messages)) + response_prefix
         return self._encode_prompt(text, images, max_patches if max_patches is not None else self.max_patches)
@@ -227,14 +160,13 @@ class Renderer:
                 raise BadPair("no_vision", f"{len(images)} images")
             loaded = [load_image(ref, self.max_image_pixels) for ref in images]
             return self.images.encode(text, loaded, max_patches)
-        return self.tokenizer(text, add_special_tokens=not self._templated)["input_ids"], None
+        return self.tokenizer(text, add_special_tokens=not self._templated)["input_ids"], None, None
 
     def _check_image_slots(self, prompt_ids, response_ids, tiles: int) -> None:
         """The model scatters one feature per image slot: a miscount would fail a whole batch."""
-        slot = self.tokenizer.convert_tokens_to_ids(self.images.image_token)
-        per_tile = self.images.tokens_per_tile
-        want = tiles * per_tile if per_tile else None
-        if slot in response_ids or (want is not None and prompt_ids.count(slot) != want):
+        slot = self.tokenizer.convert_tokens_to_ids(self.images.slot_token)
+        want = self.images.slots(tiles)
+        if slot in response_ids or prompt_ids.count(slot) != want:
             raise BadPair("image_mismatch", f"{prompt_ids.count(slot)} image slots for {want}")
 
     @property

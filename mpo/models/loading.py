@@ -15,33 +15,26 @@ from pathlib import Path
 
 import torch
 
-from mpo.data.packing import SHARED, PackedBatch
+from mpo.data.packing import SHARED, PackedBatch, as_position_ids
 from mpo.logprobs import linear_sequence_logps
+from mpo.models.families import family_of
 from mpo.models.packed_attention import PackingInfo, register
 
 
-def is_vision_language(config) -> bool:
-    return getattr(config, "vision_config", None) is not None
-
-
 def enable_packed_attention(model) -> None:
-    """Switch the (language) model to packed attention; a vision tower keeps SDPA."""
-    name = register()
-    if is_vision_language(model.config):
-        model.set_attn_implementation({"text_config": name, "vision_config": "sdpa"})
-    else:
-        model.set_attn_implementation(name)
+    """Switch the language model to packed attention; a vision tower keeps SDPA."""
+    model.set_attn_implementation(family_of(model.config).attention(register()))
 
 
 def load_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32, device="cpu"):
-    """A model folder -> the model (causal LM or InternVL-style VLM) with packed attention."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    """A model folder -> the model (causal LM or supported VLM) with packed attention."""
+    from transformers import AutoConfig
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"not a model folder (no config.json): {model_dir}")
     config = AutoConfig.from_pretrained(model_dir)
-    cls = AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
+    cls = family_of(config).auto_class()
     _import_model_classes(config)
     model = cls.from_pretrained(model_dir, dtype=dtype).to(device)
     enable_packed_attention(model)
@@ -92,47 +85,49 @@ def logit_softcap(model) -> float | None:
 def packed_hidden_states(model, batch: PackedBatch, *, backend: str = "auto") -> torch.Tensor:
     """Final hidden states [L, D] of one packed row.
 
-    A vision-language model runs its vision tower on every row: a row without images gets one
-    blank tile as an extra document at its end (its tokens attend only to each other and carry no
-    targets), and only the row's own positions are returned. Under ZeRO-3 every module gathers its
-    parameters collectively in forward and backward, so all ranks must run the same modules in the
-    same order, whatever images their rows hold; the blank document keeps the model's own code path.
+    A vision-language model runs its vision tower on every row: a row without images gets the
+    family's smallest blank image as an extra document at its end (its tokens attend only to each
+    other and carry no targets), and only the row's own positions are returned. Under ZeRO-3 every
+    module gathers its parameters collectively in forward and backward, so all ranks must run the
+    same modules in the same order, whatever images their rows hold; the blank document keeps the
+    model's own code path.
     """
     backbone = getattr(model, "model", None)
     if backbone is None:
         raise ValueError(f"{type(model).__name__} has no `.model` backbone")
     length = batch.num_tokens
-    if batch.pixel_values is None and is_vision_language(model.config):
-        batch = _with_blank_image(model.config, batch)
+    family = family_of(model.config)
+    if batch.pixel_values is None and family.vision:
+        batch = _with_blank_image(family, batch)
     kwargs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
                   packing=PackingInfo.of(batch, backend))
     if batch.pixel_values is not None:
         kwargs["pixel_values"] = batch.pixel_values.to(model.dtype)
+    if batch.image_grid_thw is not None:
+        kwargs["image_grid_thw"] = batch.image_grid_thw
     return backbone(**kwargs).last_hidden_state[0, :length]
 
 
-def _with_blank_image(config, batch: PackedBatch) -> PackedBatch:
-    vision = config.vision_config
-    size = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
-    patch = vision.patch_size if isinstance(vision.patch_size, int) else vision.patch_size[0]
-    tokens = getattr(config, "image_seq_length", None) or int((size // patch) ** 2 * config.downsample_ratio ** 2)
-    device = batch.input_ids.device
+def _with_blank_image(family, batch: PackedBatch) -> PackedBatch:
+    ids, pixels, grid = family.blank_image()
+    device, n = batch.input_ids.device, len(ids)
 
     def extend(t, values):
         return torch.cat([t, values.to(device=device, dtype=t.dtype).view(1, -1)], dim=1)
 
-    n = torch.full((tokens,), 1)
-    last = batch.cu_seqlens[-1:] + tokens
+    blank = torch.ones(n, dtype=torch.long)
+    positions = as_position_ids(family.positions(ids, grid)).to(device)
     return dataclasses.replace(
         batch,
-        input_ids=extend(batch.input_ids, n * config.image_token_id),
-        position_ids=extend(batch.position_ids, torch.arange(tokens)),
-        labels=extend(batch.labels, n * -100),
-        seq_ids=extend(batch.seq_ids, n * -1),
-        doc_ids=extend(batch.doc_ids, n * (len(batch.cu_seqlens) - 1)),
-        branch_ids=extend(batch.branch_ids, n * SHARED),
-        cu_seqlens=torch.cat([batch.cu_seqlens, last]),
-        pixel_values=torch.zeros(1, 3, size, size, device=device),
+        input_ids=extend(batch.input_ids, torch.tensor(ids)),
+        position_ids=torch.cat([batch.position_ids, positions], dim=-1),
+        labels=extend(batch.labels, blank * -100),
+        seq_ids=extend(batch.seq_ids, blank * -1),
+        doc_ids=extend(batch.doc_ids, blank * (len(batch.cu_seqlens) - 1)),
+        branch_ids=extend(batch.branch_ids, blank * SHARED),
+        cu_seqlens=torch.cat([batch.cu_seqlens, batch.cu_seqlens[-1:] + n]),
+        pixel_values=pixels.to(device),
+        image_grid_thw=None if grid is None else grid.to(device),
     )
 
 

@@ -4,11 +4,15 @@
 - arch "internvl": transformers' InternVLForConditionalGeneration (a Qwen2 language model, an
   InternViT-style vision tower, the pixel-shuffle projector) with 56-px tiles of 14-px patches,
   i.e. 4 image tokens per tile after the 0.5 pixel shuffle, up to 6 tiles + thumbnail per image;
+- arch "qwen2_vl" / "qwen2_5_vl" / "qwen3_vl": transformers' Qwen*VLForConditionalGeneration
+  (M-RoPE language model, the family's vision tower and merger) with the Qwen2-VL image processor
+  sized for 1 to 16 image tokens per image (28 or 32-px merged patches);
 - arch "qwen2" / "llama": text-only causal LMs.
 All share one tokenizer made with the `tokenizers` library: byte-level BPE (every byte is a
 token; a handful of merges), InternVL's image tokens (<img>, </img>, <IMG_CONTEXT>) and a ChatML
-chat template. The image processor is GotOcr2's (InternVL's dynamic tiling); processor_config.json
-is written by hand because InternVLProcessor cannot be instantiated without torchvision, while
+chat template; the Qwen-VL ones add Qwen's vision tokens and render an image as
+<|vision_start|><|image_pad|><|vision_end|> as Qwen's template does. processor_config.json is
+written by hand because the processors cannot be instantiated without torchvision, while
 AutoProcessor reads that file wherever torchvision exists.
 """
 
@@ -19,15 +23,29 @@ from pathlib import Path
 
 import torch
 
-ARCHS = ("internvl", "qwen2", "llama")
+ARCHS = ("internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen2", "llama")
+QWEN_VL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 TILE, PATCH, DOWNSAMPLE, MAX_PATCHES = 56, 14, 0.5, 6
 IMAGE_SEQ_LENGTH = int((TILE // PATCH) ** 2 * DOWNSAMPLE**2)  # tokens per tile
 IMG_START, IMG_END, IMG_CONTEXT, VIDEO = "<img>", "</img>", "<IMG_CONTEXT>", "<video>"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMG_START, IMG_END, IMG_CONTEXT, VIDEO]
+QWEN_VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 # Frequent pairs in English text and in the demo's reasoning; the rest stays byte-level.
 MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("e", "r"), ("Ġ", "s"), ("o", "n")]
 TEXT = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0)
+# M-RoPE: mrope_section splits head_dim / 2 = 8 frequency pairs over (t, h, w)
+QWEN_TEXT = {"qwen2_vl": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 2, 2])),
+             "qwen2_5_vl": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 2, 2])),
+             "qwen3_vl": dict(head_dim=16, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                                mrope_section=[4, 2, 2], mrope_interleaved=True))}
+QWEN_VISION = {
+    "qwen2_vl": dict(depth=1, embed_dim=32, hidden_size=TEXT["hidden_size"], num_heads=2, mlp_ratio=2, patch_size=14),
+    "qwen2_5_vl": dict(depth=2, hidden_size=32, out_hidden_size=TEXT["hidden_size"], intermediate_size=64,
+                       num_heads=2, patch_size=14, window_size=56, fullatt_block_indexes=[1]),
+    "qwen3_vl": dict(depth=2, hidden_size=32, out_hidden_size=TEXT["hidden_size"], intermediate_size=64,
+                     num_heads=2, patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[0]),
+}
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
               image_size=TILE, patch_size=PATCH, attention_bias=True, use_mean_pooling=True)
 CHAT_TEMPLATE = (
@@ -35,7 +53,7 @@ CHAT_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\n' }}"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}"
+    "{% if part['type'] == 'image' %}{{ 'IMAGE' }}"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}"
     "{{ '<|im_end|>\n' }}"
@@ -47,10 +65,14 @@ SPLIT_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}
                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 
-def build_tokenizer():
+IMAGE_MARKUP = {"internvl": "<IMG_CONTEXT>\n", "qwen_vl": "<|vision_start|><|image_pad|><|vision_end|>"}
+
+
+def build_tokenizer(arch: str = "internvl"):
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import TokenizersBackend
 
+    qwen = arch in QWEN_VL
     vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     for a, b in MERGES:
         vocab[a + b] = len(vocab)
@@ -61,18 +83,23 @@ def build_tokenizer():
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS])
+    special = SPECIAL_TOKENS + (QWEN_VISION_TOKENS if qwen else [])
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in special])
+    # read by the processors (tokenizer.start_image_token, tokenizer.image_token, ...)
+    named = {"start_image_token": IMG_START, "end_image_token": IMG_END, "context_image_token": IMG_CONTEXT,
+             "video_token": VIDEO}
+    if qwen:
+        named = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                 "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"}
+    template = CHAT_TEMPLATE.replace("IMAGE", IMAGE_MARKUP["qwen_vl" if qwen else "internvl"].replace("\n", "\\n"))
     return TokenizersBackend(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
-        bos_token=None, chat_template=CHAT_TEMPLATE,
-        # read by InternVLProcessor (tokenizer.start_image_token, ...)
-        extra_special_tokens={"start_image_token": IMG_START, "end_image_token": IMG_END,
-                              "context_image_token": IMG_CONTEXT, "video_token": VIDEO},
+        bos_token=None, chat_template=template, extra_special_tokens=named,
     )
 
 
 def build_config(arch: str, tokenizer):
-    from transformers import InternVLConfig, LlamaConfig, Qwen2Config
+    from transformers import AutoConfig, InternVLConfig, LlamaConfig, Qwen2Config
 
     ids = dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
                pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"), bos_token_id=None,
@@ -81,6 +108,14 @@ def build_config(arch: str, tokenizer):
         return Qwen2Config(**TEXT, **ids)
     if arch == "llama":
         return LlamaConfig(**TEXT, **ids)
+    if arch in QWEN_VL:
+        tokens = {f"{k}_token_id": tokenizer.convert_tokens_to_ids(t) for k, t in
+                  (("image", "<|image_pad|>"), ("video", "<|video_pad|>"), ("vision_start", "<|vision_start|>"),
+                   ("vision_end", "<|vision_end|>"))}
+        config = AutoConfig.for_model(arch, text_config=dict(**TEXT, **ids, **QWEN_TEXT[arch]),
+                                      vision_config=QWEN_VISION[arch], tie_word_embeddings=True, **tokens)
+        config.architectures = [type(config).__name__.replace("Config", "ForConditionalGeneration")]
+        return config
     config = InternVLConfig(
         text_config=dict(model_type="qwen2", **TEXT, **ids), vision_config=VISION,
         image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT), image_seq_length=IMAGE_SEQ_LENGTH,
@@ -110,26 +145,45 @@ def _processor_config(image_processor) -> dict:
             "processor_class": "InternVLProcessor"}
 
 
+def _qwen_processor_config(arch: str) -> dict:
+    """The Qwen2-VL image processor sized for 1 to 16 merged patches per image, in the processor's
+    nested v5 form (the video half as the family's processor writes it)."""
+    patch = QWEN_VISION[arch]["patch_size"]
+    merged = patch * 2
+    image = {"image_processor_type": "Qwen2VLImageProcessor", "patch_size": patch, "merge_size": 2,
+             "temporal_patch_size": 2, "size": {"shortest_edge": merged ** 2, "longest_edge": 16 * merged ** 2},
+             "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+             "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+             "do_convert_rgb": True, "resample": 3}
+    names = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3VL"}
+    video = {**image, "video_processor_type": f"{'Qwen3VL' if arch == 'qwen3_vl' else 'Qwen2VL'}VideoProcessor"}
+    del video["image_processor_type"]
+    return {"image_processor": image, "video_processor": video, "processor_class": f"{names[arch]}Processor"}
+
+
 def build_tiny_model(out_dir: str | Path, arch: str = "internvl", *, seed: int = 0) -> Path:
     """Write a tiny random-init model folder (weights, config, tokenizer, processor files)."""
-    from transformers import AutoModelForCausalLM, InternVLForConditionalGeneration
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(arch)
     config = build_config(arch, tokenizer)
     torch.manual_seed(seed)
-    if arch == "internvl":
-        model = InternVLForConditionalGeneration(config)
-    else:
-        model = AutoModelForCausalLM.from_config(config)
+    vision = arch == "internvl" or arch in QWEN_VL
+    model = (AutoModelForImageTextToText if vision else AutoModelForCausalLM).from_config(config)
     model.to(torch.float32).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    processor = None
     if arch == "internvl":
         image_processor = _image_processor()
         image_processor.save_pretrained(out_dir)
-        (out_dir / "processor_config.json").write_text(
-            json.dumps(_processor_config(image_processor), indent=2, sort_keys=True) + "\n")
+        processor = _processor_config(image_processor)
+    elif arch in QWEN_VL:
+        processor = _qwen_processor_config(arch)
+        (out_dir / "preprocessor_config.json").write_text(json.dumps(processor["image_processor"], indent=2) + "\n")
+    if processor is not None:
+        (out_dir / "processor_config.json").write_text(json.dumps(processor, indent=2, sort_keys=True) + "\n")
     return out_dir

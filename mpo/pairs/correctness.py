@@ -3,9 +3,10 @@
 Every correct response is paired with every wrong one (distinct texts only), except where the
 wrong text contains the ground-truth answer as a token of its own ("7" in "... so 7 apples" but
 not in "17"): such a response may well reason correctly and slip at the end, and MMPR drops those
-pairs. The check applies to numbers and texts, not to option letters or yes/no. Responses without the "Final answer:" trigger are format negatives: counted, and used as
-rejected responses only with `format_negatives=True`. At most `max_pairs` pairs per prompt, a
-seeded sample of all candidates (taking the first ones would favour the first correct response).
+pairs. The check applies to numbers and texts, not to option letters or yes/no. Responses without
+the "Final answer:" trigger are format negatives: counted, and used as rejected responses only
+with `format_negatives=True`. At most `max_pairs` pairs per prompt, a seeded sample of all
+candidates (taking the first ones would favour the first correct response).
 """
 
 from __future__ import annotations

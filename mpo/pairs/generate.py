@@ -1,7 +1,7 @@
 """Batched sampling with the model's own `generate`, prompts rendered as the trainer renders them.
 
-Prompts go through `mpo.data.render.Renderer.prompt` (chat template, InternVL image tokens and
-tiles), so a sampled response is scored later in exactly the context it was sampled in. A batch
+Prompts go through `mpo.data.render.Renderer.prompt` (chat template, the model family's image
+tokens and pixels), so a sampled response is scored later in exactly the context it was sampled in. A batch
 is left-padded; a vision-language batch passes the tiles of all its prompts in prompt order (the
 model fills its image slots in that order). Each request is its own row, never expanded with
 `num_return_sequences`: that would repeat each prompt's tiles in place and break the order.
@@ -33,12 +33,9 @@ class Request:
 class Sampler:
     def __init__(self, model_dir: str | Path, *, device: torch.device, dtype: torch.dtype | None = None,
                  max_new_tokens: int = 512, batch_size: int = 16, max_patches: int | None = None):
-        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
         self.renderer = Renderer(model_dir, max_patches=max_patches)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        cls = AutoModelForImageTextToText if self.renderer.vision else AutoModelForCausalLM
-        self.model = cls.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        self.model = self.renderer.family.auto_class().from_pretrained(model_dir, dtype=dtype).to(device).eval()
         self.device, self.dtype = device, dtype
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         tok = self.renderer.tokenizer
@@ -67,25 +64,29 @@ class Sampler:
                 results[k] = bad
         if not encoded:
             return results
-        width = max(len(ids) for ids, _ in encoded)
+        width = max(len(ids) for ids, _, _ in encoded)
         input_ids = torch.full((len(encoded), width), self.pad, dtype=torch.long)
         mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for k, (ids, _) in enumerate(encoded):
+        for k, (ids, _, _) in enumerate(encoded):
             input_ids[k, width - len(ids):] = torch.tensor(ids)
             mask[k, width - len(ids):] = 1
-        tiles = [pv for _, pv in encoded if pv is not None]
-        kwargs = {}
+        tiles = [pv for _, pv, _ in encoded if pv is not None]
+        grids = [grid for _, _, grid in encoded if grid is not None]
+        kwargs = self.renderer.family.generation_inputs(input_ids)
         if tiles:
-            kwargs["pixel_values"] = torch.cat(tiles).to(self.device, self.dtype)
+            kwargs["pixel_values"] = torch.cat(tiles).to(self.dtype)
+        if grids:
+            kwargs["image_grid_thw"] = torch.cat(grids)
+        kwargs = {k: v.to(self.device) for k, v in kwargs.items()}
         digest = hashlib.sha256(f"{seed}|{'|'.join(r.key for r in requests)}".encode()).digest()
         torch.manual_seed(int.from_bytes(digest[:8], "little"))
         sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 \
             else dict(do_sample=False)
         generated = self.model.generate(
-            input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=self.max_new_tokens,
-            eos_token_id=self.eos, pad_token_id=self.pad, **sampling, **kwargs)
+            input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+            max_new_tokens=self.max_new_tokens, eos_token_id=self.eos, pad_token_id=self.pad, **sampling, **kwargs)
         new = generated[:, width:].cpu()
-        for k, (ids, _), row in zip(rows, encoded, new):
+        for k, (ids, _, _), row in zip(rows, encoded, new):
             ends = [j for j, t in enumerate(row.tolist()) if t in self.eos]
             kept = row[:ends[0]].tolist() if ends else row.tolist()
             results[k] = self._decode(ids[-1], kept) if requests[k].response_prefix else self._decode(None, kept)

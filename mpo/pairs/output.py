@@ -90,7 +90,8 @@ def write_mmpr(out_dir: str | Path, name: str, order: list[str], image_root: Pat
             for pair in result["pairs"]:
                 row = dict(pair)
                 if row.get("image"):
-                    row["image"] = [_place(Path(p), image_root, out_dir / "images", placed, images) for p in row["image"]]
+                    row["image"] = [_place(Path(p), image_root, out_dir / "images", placed, images)
+                                    for p in row["image"]]
                     if len(row["image"]) == 1:
                         row["image"] = row["image"][0]
                 else:

@@ -95,7 +95,8 @@ def _record(row: dict, where: str, line_no: int, need: str, root: Path, allow_ou
     ident = row.get("id", line_no)
     if not isinstance(ident, (str, int)) or isinstance(ident, bool):
         raise DataError(f"{where}: 'id' must be a string or an integer")
-    known = {"id", "question", "prompt", "image", "images", "chosen", "rejected"} | ({"answer"} if need == "answer" else set())
+    known = ({"id", "question", "prompt", "image", "images", "chosen", "rejected"}
+             | ({"answer"} if need == "answer" else set()))
     return PromptRecord(str(ident), question, images, value if need == "answer" else None,
                         value if need == "chosen" else None, where, {k: v for k, v in row.items() if k not in known})
 

@@ -7,6 +7,7 @@ checkpoint-<step>/ holds everything an exact resume needs:
                                         fp32 master partitions in the optimizer state restore them)
   rng.rank<r>.{safetensors,json}        torch (CPU and CUDA), Python and NumPy RNG states
   trainer.json                          step, scheduler, reward shift, counters
+  digests.json                          the SHA-256 of every other file, checked before a resume reads any
 Everything is written into .checkpoint-<step>.tmp and renamed when complete, so a killed run
 never leaves a half-written checkpoint behind; the oldest checkpoints beyond `keep_last` are
 removed. Frozen weights are not stored: they are those of the model folder the run starts from.
@@ -16,6 +17,7 @@ with the tokenizer and processor files of the original model folder.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import random
@@ -25,8 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
-from mpo.train.distributed import Dist, barrier
+from mpo.atomic import save_atomic
+from mpo.train.distributed import Dist, all_gather_objects, barrier
 from mpo.train.state import load_state, save_state
 
 MODEL_FILES = re.compile(r"(model.*\.safetensors|pytorch_model.*\.bin|.*\.safetensors\.index\.json|config\.json|"
@@ -42,6 +46,43 @@ def remove_partial(run_dir: Path) -> None:
 def checkpoints(run_dir: Path) -> list[Path]:
     found = [p for p in run_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _mine(names, dist: Dist) -> list[str]:
+    """The files this rank hashes: its own `*.rank<r>.*`, and on rank 0 the shared ones too (so the
+    ranks share the hashing of a sharded optimizer state)."""
+    return [n for n in names if f".rank{dist.rank}." in n or (dist.main and ".rank" not in n)]
+
+
+def verify(ckpt: Path, dist: Dist) -> None:
+    """Refuse a checkpoint any file of which differs from what was written (flipped bytes, a truncated
+    or missing file), naming the file, before anything reads it."""
+    listed = ckpt / "digests.json"
+    try:
+        recorded = json.loads(listed.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{listed}: unreadable ({e}); the checkpoint cannot be verified") from None
+    damaged = []
+    for name in _mine(sorted(recorded), dist):
+        path = ckpt / name
+        if not path.is_file():
+            damaged.append(f"{path}: missing")
+        elif _sha256(path) != recorded[name]:
+            damaged.append(f"{path}: damaged (its SHA-256 is not the one recorded when it was written)")
+    damaged = sorted(x for rank in all_gather_objects(damaged) for x in rank)
+    if damaged:
+        earlier = [p.name for p in checkpoints(ckpt.parent) if p != ckpt]
+        advice = (f"move {ckpt.name} away to resume from {earlier[-1]}" if earlier else
+                  "no earlier checkpoint to resume from")
+        raise ValueError("; ".join(damaged) + f". Not resuming from it: {advice}")
 
 
 def _rng_state() -> tuple[dict, dict]:
@@ -76,14 +117,15 @@ def save(engine, run_dir: Path, step: int, trainer_state: dict, dist: Dist, *, z
     save_state({"tensors": rng_tensors, "plain": rng_plain}, tmp / f"rng.rank{dist.rank}")
     if dist.main:
         if zero_stage < 3:
-            from safetensors.torch import save_file
-
-            trainable = {n: p.detach().cpu().contiguous().clone() for n, p in engine.module.named_parameters()
-                         if p.requires_grad}
-            save_file(trainable, str(tmp / "model.safetensors"))
+            trainable = {n: p.detach().cpu().clone() for n, p in engine.module.named_parameters() if p.requires_grad}
+            save_atomic(trainable, tmp / "model.safetensors")
         (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
     barrier()
+    names = sorted(p.name for p in tmp.iterdir())
+    digests = {n: h for rank in all_gather_objects({n: _sha256(tmp / n) for n in _mine(names, dist)})
+               for n, h in rank.items()}
     if dist.main:
+        (tmp / "digests.json").write_text(json.dumps(digests, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for old in checkpoints(run_dir)[:-keep_last]:
@@ -105,7 +147,8 @@ def load(engine, ckpt: Path, dist: Dist, *, zero_stage: int) -> dict:
         missing = engine.module.load_state_dict(weights, strict=False).missing_keys
         trainable = {n for n, p in engine.module.named_parameters() if p.requires_grad}
         if trainable & set(missing):
-            raise ValueError(f"{ckpt}: model.safetensors lacks trainable weights {sorted(trainable & set(missing))[:3]}")
+            lacking = sorted(trainable & set(missing))[:3]
+            raise ValueError(f"{ckpt}: model.safetensors lacks trainable weights {lacking}")
     live = engine.optimizer.state_dict()
     if "load_from_fp32_weights" in inspect.signature(engine.optimizer.load_state_dict).parameters:
         # ZeRO 1-3 and DeepSpeed's bf16 optimizer take every rank's state (and merge fp32 partitions)
@@ -128,13 +171,19 @@ def export_final(engine, source_dir: Path, run_dir: Path, dist: Dist, *, zero_st
         with deepspeed.zero.GatheredParameters([param], enabled=zero_stage == 3):
             if dist.main:
                 state[name] = param.detach().cpu().clone()
+    # persistent buffers only: a non-persistent one (rotary `inv_freq`, `original_inv_freq`) is rebuilt
+    # by the model and would load as an unexpected key
+    persistent = set(model.state_dict())
     for name, buffer in model.named_buffers():
-        if dist.main:
+        if dist.main and name in persistent:
             state[name] = buffer.detach().cpu().clone()
     final, tmp = run_dir / "final", run_dir / ".final.tmp"
     if dist.main:
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        try:
+            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        except SafetensorError as e:  # it names no file
+            raise OSError(f"cannot write {tmp}: {e}") from None
         for f in source_dir.iterdir():
             if f.is_file() and not MODEL_FILES.match(f.name):
                 shutil.copy2(f, tmp / f.name)

@@ -34,7 +34,8 @@ def opt(default, help: str, *, choices=None, low=None, high=None):
 @dataclass
 class ModelConfig:
     path: str = opt("", "policy model folder (HF format: weights, config, tokenizer, processor)")
-    dtype: str = opt("auto", "training dtype; auto = bf16 on GPU, fp32 on CPU", choices=("auto", "bf16", "fp16", "fp32"))
+    dtype: str = opt("auto", "training dtype; auto = bf16 on GPU, fp32 on CPU",
+                     choices=("auto", "bf16", "fp16", "fp32"))
     gradient_checkpointing: bool = opt(False, "recompute the backbone's activations in backward to save memory")
     freeze_vision: bool = opt(False, "freeze the vision tower (vision-language models)")
     freeze_projector: bool = opt(False, "freeze the vision-to-language projector")
@@ -74,7 +75,8 @@ class LossConfig:
                          choices=("cache", "online"))
     reference_model: str = opt("", "reference model folder; empty = the initial policy (model.path)")
     reference_cache: str = opt("", "reference cache file; empty = <output_dir>/reference_logps.safetensors")
-    impl: str = opt("auto", "fused LM-head path: auto (Triton on CUDA), triton or torch", choices=("auto", "triton", "torch"))
+    impl: str = opt("auto", "fused LM-head path: auto (Triton on CUDA), triton or torch",
+                    choices=("auto", "triton", "torch"))
 
 
 @dataclass

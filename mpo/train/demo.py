@@ -1,7 +1,8 @@
 """The built-in demo run: `mpo train` with no config.
 
-A tiny InternVL-architecture model and the demo preference set are generated (once) into a cache
-folder ($MPO_CACHE, default ~/.cache/mpo/demo). MPO is meant for an instruction-tuned model (the
+A tiny InternVL-architecture model (or, with `mpo train --demo-arch`, a tiny Qwen2-VL, Qwen2.5-VL
+or Qwen3-VL) and the demo preference set are generated (once) into a cache folder ($MPO_CACHE,
+default ~/.cache/mpo/demo). MPO is meant for an instruction-tuned model (the
 paper starts from InternVL2-8B), so the demo runs in two stages on the CPU, a few minutes in all:
   1. warm-up: SFT on the chosen responses (loss sft only) -> <run>/warmup/final;
   2. MPO (sigmoid + bco_pair + sft, paper weights) from that model, which is also the reference.
@@ -30,22 +31,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MPO_CACHE", Path.home() / ".cache" / "mpo")) / "demo"
 
 
-def prepare(root: Path) -> tuple[Path, Path]:
+def prepare(root: Path, arch: str = "internvl") -> tuple[Path, Path]:
     """The tiny model and demo data under `root`, generated when missing."""
     from mpo.data.demo import write_demo_data
     from mpo.models.tiny import build_tiny_model
 
-    model, data = root / "tiny-internvl", root / "data"
+    model, data = root / f"tiny-{arch}", root / "data"
     if not (model / "config.json").is_file():
-        build_tiny_model(model, "internvl")
+        build_tiny_model(model, arch)
     if not (data / "meta.json").is_file():
         write_demo_data(data, force=data.exists())
     return model, data
 
 
-def demo_configs(overrides: list[str] = (), run_dir: str | None = None) -> tuple[Config, Config]:
+def demo_configs(overrides: list[str] = (), run_dir: str | None = None,
+                 arch: str = "internvl") -> tuple[Config, Config]:
     """(warm-up config, MPO config); overrides apply to both stages."""
-    model, data = prepare(cache_dir())
+    model, data = prepare(cache_dir(), arch)
     run = Path(run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     warm = load_config(None, [f"model.path={model}", f"data.train={data / 'meta.json'}",
                               f"train.output_dir={run / 'warmup'}", *COMMON, *WARMUP, *overrides])
@@ -55,11 +57,12 @@ def demo_configs(overrides: list[str] = (), run_dir: str | None = None) -> tuple
     return warm, mpo
 
 
-def run_demo(overrides: list[str] = (), run_dir: str | None = None, resume: bool = False) -> tuple[dict, bool]:
+def run_demo(overrides: list[str] = (), run_dir: str | None = None, resume: bool = False,
+             arch: str = "internvl") -> tuple[dict, bool]:
     """Both stages (the warm-up is skipped when its model exists); -> (MPO summary, is main rank)."""
     from mpo.train.trainer import Trainer
 
-    warm, mpo = demo_configs(overrides, run_dir)
+    warm, mpo = demo_configs(overrides, run_dir, arch)
     if not (Path(mpo.model.path) / "config.json").is_file():
         Trainer(warm, warm.train.output_dir).run()
     trainer = Trainer(mpo, mpo.train.output_dir, resume=resume)
@@ -75,7 +78,8 @@ def summary_table(summary: dict) -> str:
     for label, key, fmt in rows:
         cells = [fmt.format(d[key]) if key in d else "-" for d in (before, after)]
         lines.append(f"{label:28}{cells[0]:>10}{cells[1]:>10}")
-    lines.append(f"run directory: {summary['run_dir']} (SFT warm-up in warmup/)" + (f"   final model: {summary['final']}" if "final" in summary else ""))
+    lines.append(f"run directory: {summary['run_dir']} (SFT warm-up in warmup/)"
+                 + (f"   final model: {summary['final']}" if "final" in summary else ""))
     if summary.get("skipped_steps"):
         lines.append(f"skipped steps (non-finite): {summary['skipped_steps']}")
     return "\n".join(lines)

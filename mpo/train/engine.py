@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from mpo.losses import RewardShift
+from mpo.models.families import family_of
 from mpo.models.fused_head import PolicyWithLoss
 from mpo.models.loading import load_model, logit_softcap
 from mpo.mpo_loss import MPOLoss
@@ -72,7 +73,8 @@ _ABSENT = object()
 # checkpoint layout, loss normalisation); a JSON may repeat them but not change them.
 OWNED = {("zero_optimization", "stage"): "deepspeed.zero_stage", ("bf16", "enabled"): "model.dtype",
          ("fp16", "enabled"): "model.dtype", ("train_micro_batch_size_per_gpu",): "train.max_tokens_per_row",
-         ("gradient_accumulation_steps",): "train.global_batch_pairs", ("train_batch_size",): "train.global_batch_pairs",
+         ("gradient_accumulation_steps",): "train.global_batch_pairs",
+         ("train_batch_size",): "train.global_batch_pairs",
          ("gradient_clipping",): "optim.max_grad_norm", ("optimizer",): "the optim section",
          ("scheduler",): "the optim section"}
 
@@ -107,16 +109,12 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def freeze(model, cfg: Config) -> None:
-    """Freeze the parts the config names (InternVL-style names: vision_tower, multi_modal_projector,
-    language_model; lm_head belongs to the language model)."""
-    inner = getattr(model, "model", model)
-    language = getattr(inner, "language_model", None)
-    parts = {"vision": [getattr(inner, "vision_tower", None)],
-             "projector": [getattr(inner, "multi_modal_projector", None)],
-             "language": [inner if language is None else language, getattr(model, "lm_head", None)]}
+    """Freeze the parts the config names (the model family's vision tower, projector and language
+    model; the LM head belongs to the language model)."""
+    parts = family_of(model.config).parts(model)
     for name in ("vision", "projector", "language"):
         if getattr(cfg.model, f"freeze_{name}"):
-            modules = [m for m in parts[name] if m is not None]
+            modules = parts[name]
             if not modules:
                 raise ValueError(f"model.freeze_{name}: {type(model).__name__} has no {name} part")
             for m in modules:

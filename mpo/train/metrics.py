@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from mpo.atomic import write_text_atomic
+from mpo.models.families import family_of
 
 # Dense bf16 peak FLOP/s by GPU name, first match wins (none known on CPUs: no MFU there).
 PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12),
               ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("B200", 2250e12))
-NOT_LANGUAGE_MODEL = ("vision_tower", "vision_model", "multi_modal_projector", "embed_tokens", "wte.")
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -32,19 +32,18 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS if k in name), None)
 
 
-def flops_per_token(module: torch.nn.Module, head: torch.nn.Parameter) -> int:
+def flops_per_token(model: torch.nn.Module, head: torch.nn.Parameter) -> int:
     """Training FLOPs per row token counted for MFU: the language model's matmuls, 6 per trainable
     parameter (forward, input and weight gradients) and 4 per frozen one (no weight gradient), the
-    LM head included, embeddings (a lookup), the vision tower and attention scores not: a lower bound."""
-    total, head_seen = 0, False
-    for name, p in module.named_parameters():
-        if p is head:
-            head_seen = True
-        elif any(part in name for part in NOT_LANGUAGE_MODEL):
-            continue
-        total += (6 if p.requires_grad else 4) * getattr(p, "ds_numel", p.numel())
-    if not head_seen:  # tied to the embeddings, which named_parameters lists under the embedding's name
-        total += (6 if head.requires_grad else 4) * getattr(head, "ds_numel", head.numel())
+    LM head included, the input embeddings (a lookup), the vision tower, the projector and attention
+    scores not: a lower bound."""
+    parts = family_of(model.config).parts(model)
+    skip = {id(p) for m in parts["vision"] + parts["projector"] for p in m.parameters()}
+    skip.add(id(model.get_input_embeddings().weight))
+    total = 0
+    for p in model.parameters():  # a tied LM head is listed once, as the embeddings
+        if p is head or id(p) not in skip:
+            total += (6 if p.requires_grad else 4) * getattr(p, "ds_numel", p.numel())
     return total
 
 

@@ -28,7 +28,8 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     for ax, name in zip(axes.flat, PANELS):
         for split, style in (("train", "-"), ("eval", "o-")):
-            points = [(r["step"], r[name]) for r in rows if r.get("split") == split and isinstance(r.get(name), (int, float))]
+            points = [(r["step"], r[name]) for r in rows
+                      if r.get("split") == split and isinstance(r.get(name), (int, float))]
             if points:
                 ax.plot(*zip(*points), style, label=split, markersize=4)
         ax.set_title(name)

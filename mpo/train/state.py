@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from mpo.atomic import save_atomic
+
 
 def split_state(obj, tensors: dict, path: str = "s"):
     if isinstance(obj, torch.Tensor):
@@ -60,11 +62,9 @@ def _at(live, key):
 
 def save_state(obj, stem: Path) -> None:
     """Write stem.safetensors (tensors) and stem.json (structure)."""
-    from safetensors.torch import save_file
-
     tensors: dict = {}
     tree = split_state(obj, tensors)
-    save_file(tensors, str(_file(stem, ".safetensors")))
+    save_atomic(tensors, _file(stem, ".safetensors"))
     _file(stem, ".json").write_text(json.dumps(tree))
 
 

@@ -66,6 +66,7 @@ class Trainer:
         if resume and not found:
             raise ValueError(f"--resume: no checkpoint-<step> folder in {self.run_dir}")
         if resume:
+            checkpoint.verify(found[-1], self.dist)
             _check_resumable(cfg, found[-1])
         if self.dist.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -92,7 +93,7 @@ class Trainer:
         if train:
             self.engine, self.scheduler = build(cfg, self.dist, self.total_steps, self.dtype, self.ds_config)
             self.policy = self.engine.module
-            self.flops_per_token = flops_per_token(self.policy, lm_head(self.policy.model).weight)
+            self.flops_per_token = flops_per_token(self.policy.model, lm_head(self.policy.model).weight)
 
     def _pairs(self, split: str, data: str) -> PairDataset:
         """The split's pairs: rank 0 loads the matching index or builds it (the other ranks wait,
@@ -100,7 +101,8 @@ class Trainer:
         cfg, main = self.cfg, self.dist.main
         index_dir = cfg.data.index_dir or self.run_dir
         pairs, error = None, None
-        source = DataSource(data, image_root=cfg.data.image_root or None, allow_outside_root=cfg.data.allow_outside_root)
+        source = DataSource(data, image_root=cfg.data.image_root or None,
+                            allow_outside_root=cfg.data.allow_outside_root)
         if main:
             try:
                 pairs = PairDataset.open(cfg.model.path, source, self.packing, self.rejects,
@@ -294,8 +296,8 @@ class Trainer:
     # --- the run ------------------------------------------------------------------------------------------
 
     def _state(self, step: int, skipped: int, consecutive: int) -> dict:
-        return {"step": step, "skipped_steps": skipped, "consecutive_skipped": consecutive, "config": self.cfg.to_dict(),
-                "world_size": self.dist.world, "scheduler": self.scheduler.state_dict(),
+        return {"step": step, "skipped_steps": skipped, "consecutive_skipped": consecutive,
+                "config": self.cfg.to_dict(), "world_size": self.dist.world, "scheduler": self.scheduler.state_dict(),
                 "reward_shift": self.policy.reward_shift.state_dict()}
 
     def run(self) -> dict:

@@ -1,0 +1,93 @@
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL (transformers' Qwen*VLForConditionalGeneration).
+
+Images: the Qwen2-VL image processor resizes each image to a multiple of patch x merge pixels
+within its min_pixels / max_pixels and cuts it into patches (`image_grid_thw` = (1, h, w) patches
+per image); in the prompt an image is <|vision_start|><|image_pad|><|vision_end|> and the pad
+becomes h * w / merge^2 pads, one per merged patch. The vision tower's `merger` (and Qwen3-VL's
+deepstack mergers) is the projector.
+
+Positions are M-RoPE: three rows (temporal, height, width), from the model's own `get_rope_index`
+per document, so a packed document gets exactly the ids it has when run alone. Three rows, not
+four: the language model then derives no mask from them (our packed attention needs none).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mpo.models.families.base import Family, ImageTokens
+
+VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
+
+
+class QwenVL(Family):
+    name = "qwen_vl"
+    vision = True
+    position_rows = 3
+    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+    def __init__(self, config):
+        super().__init__(config)
+        from transformers import AutoModel
+
+        # get_rope_index reads only the config: call it on a bare instance of the base model class
+        # (never built) rather than re-implementing it.
+        self._rope = object.__new__(AutoModel._model_mapping[type(config)])
+        self._rope.__dict__["config"] = config
+
+    @classmethod
+    def matches(cls, config) -> bool:
+        return config.model_type in cls.model_types
+
+    def auto_class(self):
+        from transformers import AutoModelForImageTextToText
+
+        return AutoModelForImageTextToText
+
+    def attention(self, name: str):
+        return {"text_config": name, "vision_config": "sdpa"}
+
+    def parts(self, model):
+        visual = model.model.visual
+        children = dict(visual.named_children())
+        return {"vision": [m for n, m in children.items() if "merger" not in n],
+                "projector": [m for n, m in children.items() if "merger" in n],
+                "language": [model.model.language_model, model.lm_head]}
+
+    def image_tokens(self, model_dir, tokenizer):
+        return QwenVLImages(model_dir, tokenizer, self.config)
+
+    def positions(self, ids, grid):
+        ids = torch.tensor([ids])
+        kinds = (ids == self.config.image_token_id).int()
+        return self._rope.get_rope_index(ids, kinds, image_grid_thw=grid)[0][:, 0]
+
+    def blank_image(self):
+        vision = self.config.vision_config
+        merge = vision.spatial_merge_size
+        width = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+        return [self.config.image_token_id], torch.zeros(merge * merge, width), torch.tensor([[1, merge, merge]])
+
+    def generation_inputs(self, input_ids):
+        return {"mm_token_type_ids": (input_ids == self.config.image_token_id).int()}
+
+
+class QwenVLImages(ImageTokens):
+    image_token, slot_token = VISION_START + IMAGE_PAD + VISION_END, IMAGE_PAD
+
+    def __init__(self, model_dir, tokenizer, config):
+        super().__init__(model_dir, tokenizer, config)
+        self.merge = config.vision_config.spatial_merge_size
+
+    def control_tokens(self) -> set[str]:
+        return {VISION_START, IMAGE_PAD, VISION_END}
+
+    def slots(self, tiles: int) -> int:
+        return tiles // self.merge ** 2
+
+    def _expand(self, prompt_text: str, tiles: list[int]) -> list[int]:
+        parts = prompt_text.split(IMAGE_PAD)
+        text = parts[0]
+        for n, rest in zip(tiles, parts[1:], strict=True):
+            text += IMAGE_PAD * (n // self.merge ** 2) + rest
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
