@@ -28,7 +28,7 @@ from mpo.data.render import Renderer
 from mpo.models.tiny import build_tiny_model
 
 RENDERING = {"packing": "prefix", "max_tokens": 16384, "overlong": "truncate", "max_patches": None,
-             "max_image_pixels": 50_000_000}
+             "min_pixels": None, "max_pixels": None, "max_image_pixels": 50_000_000}
 
 
 def model_with_448_tiles(root: Path) -> Path:

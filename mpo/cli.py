@@ -93,8 +93,7 @@ def _logps(args: argparse.Namespace) -> int:
 
     try:
         summary = compute_pair_logps(args.model, _data_source(args), out, _packing_options(args), rejects, dtype=dtype,
-                                     device=args.device, max_patches=args.max_patches,
-                                     max_image_pixels=args.max_image_pixels, index_dir=args.index_dir,
+                                     device=args.device, images=_image_options(args), index_dir=args.index_dir,
                                      workers=args.workers, progress=progress)
     finally:
         rejects.close()
@@ -112,8 +111,7 @@ def _data(args: argparse.Namespace) -> int:
     rejects = Rejects(rejects_path, strict=args.strict)
     try:
         result = getattr(report, args.data_command)(args.model, _data_source(args), _packing_options(args), rejects,
-                                                    max_patches=args.max_patches,
-                                                    max_image_pixels=args.max_image_pixels, index_dir=args.index_dir,
+                                                    images=_image_options(args), index_dir=args.index_dir,
                                                     workers=args.workers)
     finally:
         rejects.close()
@@ -133,7 +131,7 @@ def _index(args: argparse.Namespace) -> int:
     from mpo.data.records import Rejects
 
     _quiet_transformers()
-    rendering = rendering_options(_packing_options(args), args.max_patches, args.max_image_pixels)
+    rendering = rendering_options(_packing_options(args), _image_options(args))
     source = _data_source(args)
     key = index_key(args.model, source, rendering)
     path = index_path(args.index_dir, key)
@@ -220,7 +218,8 @@ def _plot(args: argparse.Namespace) -> int:
 
 # what makes a pair-building run's results (a rerun with other values must not reuse them)
 SAMPLING_SETTINGS = ("samples", "max_pairs", "instruction", "format_negatives", "ratio", "temperature",
-                     "max_new_tokens", "max_patches", "seed", "image_root")
+                     "max_new_tokens", "max_patches", "min_pixels", "max_pixels", "max_image_pixels", "seed",
+                     "image_root")
 
 
 def _pairs(args: argparse.Namespace) -> int:
@@ -242,7 +241,7 @@ def _pairs(args: argparse.Namespace) -> int:
                            allow_outside_root=args.allow_outside_root)
     ranks = Ranks.init(args.device)
     sampler = Sampler(args.model, device=ranks.device, max_new_tokens=args.max_new_tokens,
-                      batch_size=args.batch_size, max_patches=args.max_patches)
+                      batch_size=args.batch_size, images=_image_options(args))
     with_images = next((r for r in records if r.images), None)
     if correctness and with_images is not None and not sampler.renderer.vision:
         raise ValueError(f"{with_images.source}: the prompt has images but {args.model} is a text-only model")
@@ -267,9 +266,26 @@ def _pairs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_packing_args(p: argparse.ArgumentParser, *, indexing: bool = False) -> None:
+def _add_image_args(p: argparse.ArgumentParser) -> None:
     from mpo.data.render import MAX_IMAGE_PIXELS
 
+    p.add_argument("--max-patches", type=int,
+                   help="InternVL: image tiles per pair (default: the dataset's or processor's)")
+    p.add_argument("--min-pixels", type=int, help="Qwen-VL: fewest pixels an image is resized to (default: the "
+                                                  "processor's)")
+    p.add_argument("--max-pixels", type=int, help="Qwen-VL: most pixels an image is resized to (default: the "
+                                                  "processor's)")
+    p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                   help="images with more pixels are rejected, from their header")
+
+
+def _image_options(args: argparse.Namespace):
+    from mpo.data.render import ImageOptions
+
+    return ImageOptions(args.max_patches, args.min_pixels, args.max_pixels, args.max_image_pixels)
+
+
+def _add_packing_args(p: argparse.ArgumentParser, *, indexing: bool = False) -> None:
     p.add_argument("--model", required=True, help="model folder (tokenizer, chat template, processor)")
     p.add_argument("--data", required=True, help="MMPR meta .json, .jsonl, .parquet or a saved datasets folder")
     p.add_argument("--packing", choices=["prefix", "plain", "none"], default="prefix", help="packed row layout")
@@ -277,9 +293,7 @@ def _add_packing_args(p: argparse.ArgumentParser, *, indexing: bool = False) -> 
     p.add_argument("--overlong", choices=["truncate", "drop"], default="truncate",
                    help="pairs longer than a row: cut the responses, or skip the pair")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record (path:line: reason)")
-    p.add_argument("--max-patches", type=int, help="image tiles per pair (default: the dataset's or processor's)")
-    p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
-                   help="images with more pixels are rejected, from their header")
+    _add_image_args(p)
     p.add_argument("--image-root",
                    help="where TRL-style records' image paths resolve (default: the data file's folder)")
     p.add_argument("--allow-outside-root", action="store_true", help="let image paths resolve outside their root")
@@ -378,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--temperature", type=float, default=1.0)
         p.add_argument("--max-new-tokens", type=int, default=512)
         p.add_argument("--batch-size", type=int, default=32, help="sequences per generate call")
-        p.add_argument("--max-patches", type=int, help="image tiles per prompt (default: the processor's)")
+        _add_image_args(p)
         p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
         p.add_argument("--seed", type=int, default=0)
         p.set_defaults(handler=_pairs)

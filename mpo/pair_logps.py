@@ -27,7 +27,7 @@ from mpo.atomic import save_atomic
 from mpo.data.dataset import PairDataset
 from mpo.data.packing import PackingOptions
 from mpo.data.records import Rejects
-from mpo.data.render import MAX_IMAGE_PIXELS
+from mpo.data.render import ImageOptions
 from mpo.models.loading import load_model, pair_logps
 
 
@@ -60,14 +60,12 @@ def save_pair_logps(pairs: PairDataset, results, out: Path, metadata: dict) -> N
 
 @torch.no_grad()
 def compute_pair_logps(model_dir, data, out: Path, opts: PackingOptions, rejects: Rejects, *,
-                       dtype=torch.float32, device="cpu", max_patches: int | None = None,
-                       max_image_pixels: int | None = MAX_IMAGE_PIXELS, index_dir=None,
+                       dtype=torch.float32, device="cpu", images: ImageOptions | None = None, index_dir=None,
                        workers: int = 0, progress=None) -> dict:
     """Run the reference pass over `data` and write `out`; returns a summary dict. The pair index
     is taken from (or saved to) `index_dir` when given."""
     start = time.perf_counter()
-    pairs = PairDataset.open(model_dir, data, opts, rejects, max_patches=max_patches,
-                             max_image_pixels=max_image_pixels, index_dir=index_dir, workers=workers)
+    pairs = PairDataset.open(model_dir, data, opts, rejects, images=images, index_dir=index_dir, workers=workers)
     model = load_model(model_dir, dtype=dtype, device=device).eval()
     results = run_pass(pairs, pairs.data_order_rows(), lambda batch: pair_logps(model, batch), device, None,
                        {"num_workers": workers}, progress)

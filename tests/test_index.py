@@ -18,7 +18,7 @@ from mpo.data.records import BadPair, DataError, PreferencePair, Rejects
 from mpo.data.render import Renderer
 
 RENDERING = {"packing": "prefix", "max_tokens": 4096, "overlong": "truncate", "max_patches": None,
-             "max_image_pixels": 50_000_000}
+             "min_pixels": None, "max_pixels": None, "max_image_pixels": 50_000_000}
 OPTS = PackingOptions("prefix", 4096, "truncate")
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 from mpo.data.dataset import PairDataset
 from mpo.data.packing import PackingOptions, fit_to_budget, pair_cost
 from mpo.data.records import BadPair, DataError, PreferencePair, Rejects
-from mpo.data.render import Renderer
+from mpo.data.render import ImageOptions, Renderer
 from mpo.models.tiny import IMAGE_SEQ_LENGTH
 
 
@@ -199,9 +199,38 @@ def test_responses_identical_after_truncation_are_rejected(tiny_models):
 def test_images_over_the_pixel_limit_are_rejected_from_their_header(tiny_models, tmp_path):
     big = tmp_path / "big.png"
     Image.new("RGB", (400, 300)).save(big)
-    r = Renderer(tiny_models["internvl"], max_image_pixels=100_000)
+    r = Renderer(tiny_models["internvl"], ImageOptions(max_image_pixels=100_000))
     pair = PreferencePair(({"role": "user", "content": "<image>\nWhat?"},), "a", "b", (str(big),))
     for pixels in (True, False):
         with pytest.raises(BadPair, match=r"image_too_large: .*400x300 > 100000 pixels"):
             r.render(pair, pixels=pixels)
-    assert Renderer(tiny_models["internvl"], max_image_pixels=120_000).render(pair).tiles > 0
+    assert Renderer(tiny_models["internvl"], ImageOptions(max_image_pixels=120_000)).render(pair).tiles > 0
+
+
+def test_qwen_pixel_range_sizes_images_in_counts_and_in_full(tiny_models, tmp_path):
+    """data.min_pixels / max_pixels reach the image processor, and the header-only count agrees."""
+    big, small = tmp_path / "big.png", tmp_path / "small.png"
+    Image.new("RGB", (400, 300)).save(big)
+    Image.new("RGB", (30, 30)).save(small)
+    pad = "<|image_pad|>"
+
+    def slots(options, image):
+        r = Renderer(tiny_models["qwen2_vl"], options)
+        full, counted = r.render(make_pair([str(image)])), r.render(make_pair([str(image)]), pixels=False)
+        assert counted.prompt_ids == full.prompt_ids and counted.tiles == full.tiles
+        return full.prompt_ids.count(r.tokenizer.convert_tokens_to_ids(pad)), full.image_grid_thw.tolist()
+
+    assert slots(ImageOptions(), big) == (12, [[1, 6, 8]])  # the processor's range: 784 to 16 x 784 pixels
+    assert slots(ImageOptions(max_pixels=4 * 784), big) == (2, [[1, 2, 4]])
+    assert slots(ImageOptions(), small) == (1, [[1, 2, 2]])
+    assert slots(ImageOptions(min_pixels=9 * 784), small) == (9, [[1, 6, 6]])
+
+
+def test_a_sizing_option_the_family_lacks_is_refused(tiny_models):
+    with pytest.raises(ValueError, match="max_pixels does not apply to internvl"):
+        Renderer(tiny_models["internvl"], ImageOptions(max_pixels=10_000))
+    with pytest.raises(ValueError, match="max_patches does not apply to qwen2_5_vl"):
+        Renderer(tiny_models["qwen2_5_vl"], ImageOptions(max_patches=4))
+    with pytest.raises(ValueError, match="min_pixels .* is above max_pixels"):
+        ImageOptions(min_pixels=5000, max_pixels=4000)
+    Renderer(tiny_models["qwen2"], ImageOptions())  # a text model takes none and needs none

@@ -209,14 +209,19 @@ def test_final_export_loads_with_from_pretrained(tmp_path, tiny_models, demo_dat
 
     auto = family_of(AutoConfig.from_pretrained(tiny_models[arch])).auto_class()
     data, frozen = {}, arch.startswith("qwen")
+    # InternVL: the vision tower at learning rate 0 (and so no weight decay either) stays as it was
+    optim = {"vision_lr": 0.0} if arch == "internvl" else {}
     if arch == "llama":
         text = tmp_path / "text.jsonl"
         text.write_text("".join(json.dumps({"prompt": f"Is {i} even?", "chosen": ["no", "yes"][i % 2 == 0],
                                             "rejected": ["yes", "no"][i % 2 == 0]}) + "\n" for i in range(16)))
         data = {"train": str(text), "eval": ""}
     config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, train={"max_steps": 2},
-                          model={"path": str(tiny_models[arch]), "freeze_vision": frozen}, data=data)
-    mpo("train", config, "--output-dir", tmp_path / "run")
+                          model={"path": str(tiny_models[arch]), "freeze_vision": frozen}, data=data,
+                          optim=optim)
+    printed = mpo("train", config, "--output-dir", tmp_path / "run").stderr
+    assert f"mpo train: {tiny_models[arch]}" in printed and "peak lr language 0.001" in printed
+    assert arch != "internvl" or "vision 0, projector 0.001" in printed
     final = tmp_path / "run" / "final"
     model, loading = auto.from_pretrained(final, output_loading_info=True)
     assert not any(loading.values()), loading
@@ -228,6 +233,9 @@ def test_final_export_loads_with_from_pretrained(tmp_path, tiny_models, demo_dat
                if not torch.equal(p, q)]
     assert changed, "training changed no weight"
     assert not frozen or not [n for n in changed if ".visual." in n and "merger" not in n], changed
+    if arch == "internvl":
+        assert not [n for n in changed if "vision_tower" in n], changed
+        assert [n for n in changed if "multi_modal_projector" in n], changed
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["train"]["max_steps"] == 2
     assert {"step", "split", "loss", "rewards/accuracies", "reward_shift", "pairs/s", "tokens/s/gpu",

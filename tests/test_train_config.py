@@ -113,6 +113,20 @@ def test_weight_decay_groups_see_through_zero3_shards():
     assert no_decay["weight_decay"] == 0.0 and [id(p) for p in no_decay["params"]] == [id(lin.bias)]
 
 
+def test_param_groups_by_role_take_the_role_learning_rate():
+    from mpo.train.engine import param_groups
+
+    module = torch.nn.Module()
+    module.tower, module.proj, module.lm = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    roles = {id(p): "vision" for p in module.tower.parameters()} | {id(module.proj.weight): "projector"}
+    groups = param_groups(module, 0.1, roles, {"language": 1e-3, "vision": 1e-4, "projector": 2e-3})
+    seen = {(g["lr"], g["weight_decay"]): {id(p) for p in g["params"]} for g in groups}
+    assert seen == {(1e-3, 0.1): {id(module.lm.weight)}, (1e-3, 0.0): {id(module.lm.bias), id(module.proj.bias)},
+                    (1e-4, 0.1): {id(module.tower.weight)}, (1e-4, 0.0): {id(module.tower.bias)},
+                    (2e-3, 0.1): {id(module.proj.weight)}}
+    assert groups[0]["lr"] == 1e-3  # the language model's group first: the rate metrics.jsonl logs
+
+
 def test_deepspeed_json_may_not_change_what_the_trainer_derives(tmp_path):
     from mpo.train.engine import deepspeed_config
 

@@ -19,11 +19,19 @@ import numpy as np
 import torch
 
 from mpo.data.formats import DataSource
-from mpo.data.index import PairIndex, build_index, fingerprint, index_key, index_path, rendering_options
+from mpo.data.index import (
+    PairIndex,
+    build_index,
+    fingerprint,
+    image_options,
+    index_key,
+    index_path,
+    rendering_options,
+)
 from mpo.data.packing import IGNORE, PackedBatch, PackingOptions, as_position_ids, fit_to_budget, pack_row
 from mpo.data.plan import plan_packing
 from mpo.data.records import BadPair, DataError, Rejects
-from mpo.data.render import MAX_IMAGE_PIXELS, RenderedPair, Renderer
+from mpo.data.render import ImageOptions, RenderedPair, Renderer
 
 WINDOW = 64  # pairs per first-fit-decreasing window when rows are planned in data order
 
@@ -48,12 +56,12 @@ class PairDataset(torch.utils.data.Dataset):
 
     @classmethod
     def open(cls, model_dir, data: str | Path | DataSource, opts: PackingOptions, rejects: Rejects, *,
-             max_patches: int | None = None, max_image_pixels: int | None = MAX_IMAGE_PIXELS, index_dir=None,
+             images: ImageOptions | None = None, index_dir=None,
              workers: int = 0) -> PairDataset:
         """The pairs of `data` (a path, or a DataSource with its reading options) for this model and
         rendering: the matching index in `index_dir`, or one built now (in `workers` processes) and
         saved there when `index_dir` is given."""
-        rendering = rendering_options(opts, max_patches, max_image_pixels)
+        rendering = rendering_options(opts, images or ImageOptions())
         source = data if isinstance(data, DataSource) else DataSource(data)
         key = index_key(model_dir, data, rendering)
         path = index_path(index_dir, key) if index_dir else None
@@ -85,8 +93,7 @@ class PairDataset(torch.utils.data.Dataset):
     @property
     def renderer(self) -> Renderer:
         if self._renderer is None:
-            self._renderer = Renderer(self.model_dir, max_patches=self.rendering["max_patches"],
-                                      max_image_pixels=self.rendering["max_image_pixels"])
+            self._renderer = Renderer(self.model_dir, image_options(self.rendering))
         return self._renderer
 
     def render_pair(self, pair, i: int) -> RenderedPair:

@@ -28,7 +28,7 @@ import json
 import time
 from array import array
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -38,14 +38,14 @@ from mpo.atomic import save_atomic
 from mpo.data.formats import DataSource, Location, _resolve
 from mpo.data.packing import fit_to_budget
 from mpo.data.records import BadPair, Rejects
-from mpo.data.render import MAX_IMAGE_PIXELS, RenderedPair, Renderer
+from mpo.data.render import ImageOptions, RenderedPair, Renderer
 
 FIELDS = {"source": "i", "offset": "q", "line": "i", "prompt": "i", "chosen": "i", "rejected": "i",
           "tiles": "i", "fingerprint": "q"}
 MEASURED = ("prompt", "chosen", "rejected", "tiles", "fingerprint")
 CHUNK = 256  # pairs a worker renders per task
 # what rendering a pair depends on besides the data and the processing files
-RENDERING = ("packing", "max_tokens", "overlong", "max_patches", "max_image_pixels")
+RENDERING = ("packing", "max_tokens", "overlong", "max_patches", "min_pixels", "max_pixels", "max_image_pixels")
 PROCESSING_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken")
 
 
@@ -87,10 +87,13 @@ def data_files(path: Path) -> list[Path]:
     return [path]
 
 
-def rendering_options(opts, max_patches: int | None, max_image_pixels: int | None = MAX_IMAGE_PIXELS) -> dict:
-    """The RENDERING options of PackingOptions, a tile budget and an image size limit."""
-    return {"packing": opts.layout, "max_tokens": opts.max_tokens, "overlong": opts.overlong,
-            "max_patches": max_patches, "max_image_pixels": max_image_pixels}
+def rendering_options(opts, images: ImageOptions) -> dict:
+    """The RENDERING options: PackingOptions' and the ImageOptions."""
+    return {"packing": opts.layout, "max_tokens": opts.max_tokens, "overlong": opts.overlong, **asdict(images)}
+
+
+def image_options(rendering: dict) -> ImageOptions:
+    return ImageOptions(**{f.name: rendering[f.name] for f in fields(ImageOptions)})
 
 
 def index_key(model: str | Path, data: str | Path | DataSource, rendering: dict) -> dict:
@@ -166,8 +169,7 @@ _worker: dict = {}
 
 
 def _start_worker(model_dir: str, rendering: dict) -> None:
-    _worker["renderer"] = Renderer(model_dir, max_patches=rendering["max_patches"],
-                                   max_image_pixels=rendering["max_image_pixels"])
+    _worker["renderer"] = Renderer(model_dir, image_options(rendering))
     _worker["rendering"] = rendering
 
 

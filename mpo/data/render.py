@@ -46,6 +46,25 @@ class RenderedPair:
 MAX_IMAGE_PIXELS = 50_000_000  # data.max_image_pixels' default: far below Pillow's decompression-bomb limit
 
 
+@dataclass(frozen=True)
+class ImageOptions:
+    """How images are sized: a tile budget per pair (InternVL's max_patches; a record's own budget,
+    e.g. MMPR's max_dynamic_patch, wins), a pixel range per image (Qwen-VL's min_pixels /
+    max_pixels), and a size limit before decoding (any model). None: the processor's own setting."""
+
+    max_patches: int | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS
+
+    def __post_init__(self):
+        for name, value in vars(self).items():
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) is above max_pixels ({self.max_pixels})")
+
+
 def _check_pixels(width: int, height: int, limit: int | None, ref) -> None:
     if limit is not None and width * height > limit:
         name = ref if isinstance(ref, (str, Path)) else "<bytes>"
@@ -88,8 +107,7 @@ def image_size(ref, max_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[int, int
 class Renderer:
     """Turns pairs into token ids with a model folder's tokenizer, chat template and processor."""
 
-    def __init__(self, model_dir: str | Path, *, max_patches: int | None = None,
-                 max_image_pixels: int | None = MAX_IMAGE_PIXELS):
+    def __init__(self, model_dir: str | Path, images: ImageOptions | None = None):
         from transformers import AutoConfig, AutoTokenizer
 
         self.model_dir = Path(model_dir)
@@ -97,13 +115,10 @@ class Renderer:
             raise FileNotFoundError(f"model folder not found: {self.model_dir}")
         config = AutoConfig.from_pretrained(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.max_patches, self.max_image_pixels = max_patches, max_image_pixels
+        self.options = images or ImageOptions()
         self.family = family_of(config)
         self.vision = self.family.vision
-        self.images = self.family.image_tokens(model_dir, self.tokenizer) if self.vision else None
-        if max_patches is not None and self.vision and not self.images.tile_budget:
-            raise ValueError(f"{model_dir}: max_patches (a tile budget) does not apply to {self.family.name} "
-                             "models: their processor sizes images by its min_pixels / max_pixels")
+        self.images = self.family.image_tokens(model_dir, self.tokenizer, self.options) if self.vision else None
         # Chat markup, end-of-text, padding, image and video tokens typed into the data would forge
         # turns or image slots: every special or added token of the tokenizer, from the tokenizer.
         tok = self.tokenizer
@@ -126,13 +141,13 @@ class Renderer:
                 raise BadPair("bad_field", f"the text contains the control token {found.group()!r}")
         messages = self._messages(pair.prompt)
         prompt_text = self._prompt_text(messages)
-        max_patches = pair.max_patches if pair.max_patches is not None else self.max_patches
+        max_patches = pair.max_patches if pair.max_patches is not None else self.options.max_patches
         tiles, grid = 0, None
         if pixels or not pair.images:
             prompt_ids, pixel_values, grid = self._encode_prompt(prompt_text, pair.images, max_patches)
             tiles = 0 if pixel_values is None else pixel_values.shape[0]
         else:
-            sizes = [image_size(ref, self.max_image_pixels) for ref in pair.images]
+            sizes = [image_size(ref, self.options.max_image_pixels) for ref in pair.images]
             (prompt_ids, tiles), pixel_values = self.images.count(prompt_text, sizes, max_patches), None
         if not prompt_ids:
             raise BadPair("bad_field", "the prompt renders to no tokens")
@@ -142,13 +157,13 @@ class Renderer:
             self._check_image_slots(prompt_ids, chosen + rejected, tiles)
         return RenderedPair(prompt_ids, chosen, rejected, pixel_values, pair.source, index, tiles, grid)
 
-    def prompt(self, messages: list[dict] | tuple[dict, ...], images=(), max_patches: int | None = None,
+    def prompt(self, messages: list[dict] | tuple[dict, ...], images=(),
                response_prefix: str = "") -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
         """Token ids, pixel values and image grid (None without images or grids) of a prompt with
         the generation prompt, for sampling; with
         `response_prefix`, the assistant turn starts with that text (the model continues it)."""
         text = self._prompt_text(self._messages(messages)) + response_prefix
-        return self._encode_prompt(text, images, max_patches if max_patches is not None else self.max_patches)
+        return self._encode_prompt(text, images, self.options.max_patches)
 
     def _messages(self, prompt) -> list[dict]:
         image_token = self.images.image_token if self.vision else IMAGE_TOKEN
@@ -158,7 +173,7 @@ class Renderer:
         if images:
             if not self.vision:
                 raise BadPair("no_vision", f"{len(images)} images")
-            loaded = [load_image(ref, self.max_image_pixels) for ref in images]
+            loaded = [load_image(ref, self.options.max_image_pixels) for ref in images]
             return self.images.encode(text, loaded, max_patches)
         return self.tokenizer(text, add_special_tokens=not self._templated)["input_ids"], None, None
 

@@ -11,14 +11,13 @@ from mpo.data.dataset import WINDOW, PairDataset
 from mpo.data.packing import PackingOptions
 from mpo.data.plan import plan_packing
 from mpo.data.records import BadPair, Rejects
-from mpo.data.render import MAX_IMAGE_PIXELS
+from mpo.data.render import ImageOptions
 
 
-def check(model_dir, data, opts: PackingOptions, rejects: Rejects, *, max_patches: int | None = None,
-          max_image_pixels: int | None = MAX_IMAGE_PIXELS, index_dir=None, workers: int = 0) -> dict:
+def check(model_dir, data, opts: PackingOptions, rejects: Rejects, *, images: ImageOptions | None = None,
+          index_dir=None, workers: int = 0) -> dict:
     """Index and render every pair (strict rejects stop at the first bad one)."""
-    pairs = PairDataset.open(model_dir, data, opts, rejects, max_patches=max_patches,
-                             max_image_pixels=max_image_pixels, index_dir=index_dir, workers=workers)
+    pairs = PairDataset.open(model_dir, data, opts, rejects, images=images, index_dir=index_dir, workers=workers)
     rejected = dict(pairs.rejected)
     valid = 0
     for i in pairs.valid.tolist():
@@ -32,14 +31,13 @@ def check(model_dir, data, opts: PackingOptions, rejects: Rejects, *, max_patche
     return {"valid": valid, "rejected": rejected}
 
 
-def stats(model_dir, data, opts: PackingOptions, rejects: Rejects, *, max_patches: int | None = None,
-          max_image_pixels: int | None = MAX_IMAGE_PIXELS, index_dir=None, workers: int = 0) -> dict:
+def stats(model_dir, data, opts: PackingOptions, rejects: Rejects, *, images: ImageOptions | None = None,
+          index_dir=None, workers: int = 0) -> dict:
     """Pairs, tokens, image tiles, rows and packing efficiency per layout, prefix-sharing savings.
 
     Rows are planned as `mpo logps` plans them (data order, windows of WINDOW pairs); both
     layouts' costs are taken on the pairs as fitted to opts.layout's budget."""
-    pairs = PairDataset.open(model_dir, data, opts, rejects, max_patches=max_patches,
-                             max_image_pixels=max_image_pixels, index_dir=index_dir, workers=workers)
+    pairs = PairDataset.open(model_dir, data, opts, rejects, images=images, index_dir=index_dir, workers=workers)
     a, valid = pairs.index.arrays, pairs.valid
     total = lambda name: int(a[name][valid].astype(np.int64).sum())
     costs = {layout: pairs.index.cost(layout)[valid] for layout in ("prefix", "plain")}

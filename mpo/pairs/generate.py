@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from mpo.data.records import BadPair
-from mpo.data.render import Renderer
+from mpo.data.render import ImageOptions, Renderer
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,8 @@ class Request:
 
 class Sampler:
     def __init__(self, model_dir: str | Path, *, device: torch.device, dtype: torch.dtype | None = None,
-                 max_new_tokens: int = 512, batch_size: int = 16, max_patches: int | None = None):
-        self.renderer = Renderer(model_dir, max_patches=max_patches)
+                 max_new_tokens: int = 512, batch_size: int = 16, images: ImageOptions | None = None):
+        self.renderer = Renderer(model_dir, images)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         self.model = self.renderer.family.auto_class().from_pretrained(model_dir, dtype=dtype).to(device).eval()
         self.device, self.dtype = device, dtype

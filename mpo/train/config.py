@@ -50,7 +50,9 @@ class DataConfig:
     packing: str = opt("prefix", "packed row layout", choices=LAYOUTS)
     overlong: str = opt("truncate", "pairs longer than a row: cut the responses, or drop the pair", choices=OVERLONG)
     strict: bool = opt(False, "stop at the first bad record instead of skipping it")
-    max_patches: int | None = opt(None, "image tiles per pair (None: the dataset's or processor's)", low=1)
+    max_patches: int | None = opt(None, "InternVL: image tiles per pair (None: the dataset's or processor's)", low=1)
+    min_pixels: int | None = opt(None, "Qwen-VL: fewest pixels an image is resized to (None: the processor's)", low=1)
+    max_pixels: int | None = opt(None, "Qwen-VL: most pixels an image is resized to (None: the processor's)", low=1)
     shuffle_window: int = opt(4096, "pairs per first-fit-decreasing window when planning rows", low=1)
     num_workers: int = opt(2, "processes rendering the next rows while a step runs, and indexing the data "
                               "(0: in the training process)", low=0)
@@ -81,7 +83,10 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = opt(5e-6, "peak learning rate (AdamW)", low=0.0)
+    lr: float = opt(5e-6, "peak learning rate (AdamW); the language model's", low=0.0)
+    vision_lr: float | None = opt(None, "peak learning rate of the vision tower (None: optim.lr)", low=0.0)
+    projector_lr: float | None = opt(None, "peak learning rate of the vision-to-language projector (None: optim.lr)",
+                                     low=0.0)
     weight_decay: float = opt(0.05, "AdamW weight decay (not on biases and norms)", low=0.0)
     betas: list[float] = opt([0.9, 0.999], "AdamW betas")
     eps: float = opt(1e-8, "AdamW epsilon", low=0.0)

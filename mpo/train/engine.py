@@ -97,15 +97,35 @@ def _check_owned(extra: dict, generated: dict, path: Path) -> None:
 
 
 
-def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters: matrices decay, biases and norms do not. Under ZeRO-3 a parameter is
-    an empty shard; its `ds_shape` is the real shape."""
-    decay, no_decay = [], []
+ROLES = ("language", "vision", "projector")
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float, roles: dict[int, str] | None = None,
+                 lrs: dict[str, float] | None = None) -> list[dict]:
+    """Trainable parameters in groups by role (`roles`: parameter id -> vision / projector; the rest
+    is the language model) at the role's learning rate (`lrs`), matrices with weight decay, biases
+    and norms without; language groups first. Under ZeRO-3 a parameter is an empty shard; its
+    `ds_shape` is the real shape."""
+    roles, lrs = roles or {}, lrs or {}
+    groups = {(role, decay): [] for role in ROLES for decay in (True, False)}
     for p in module.parameters():
         if p.requires_grad:
-            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+            groups[roles.get(id(p), "language"), len(getattr(p, "ds_shape", p.shape)) >= 2].append(p)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0,
+             **({"lr": lrs[role]} if role in lrs else {})} for (role, decay), params in groups.items() if params]
+
+
+def role_lrs(model, cfg: Config) -> tuple[dict[int, str], dict[str, float]]:
+    """(parameter id -> role, role -> peak learning rate) from the model family's module roles."""
+    parts = family_of(model.config).parts(model)
+    lrs = {"language": cfg.optim.lr}
+    for role in ("vision", "projector"):
+        lr = getattr(cfg.optim, f"{role}_lr")
+        if lr is not None and not parts[role]:
+            raise ValueError(f"optim.{role}_lr: {type(model).__name__} has no {role} part")
+        lrs[role] = cfg.optim.lr if lr is None else lr
+    roles = {id(p): role for role in ("vision", "projector") for m in parts[role] for p in m.parameters()}
+    return roles, lrs
 
 
 def freeze(model, cfg: Config) -> None:
@@ -157,7 +177,8 @@ def build(cfg: Config, dist: Dist, total_steps: int, dtype: torch.dtype, ds_conf
                         softcap=logit_softcap(model), impl=cfg.loss.impl)
     policy = PolicyWithLoss(model, criterion, zero3=zero3, attention=cfg.model.attention)
 
-    optimizer = torch.optim.AdamW(param_groups(policy, cfg.optim.weight_decay), lr=cfg.optim.lr,
+    roles, lrs = role_lrs(model, cfg)
+    optimizer = torch.optim.AdamW(param_groups(policy, cfg.optim.weight_decay, roles, lrs), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   fused=dist.device.type == "cuda" and not cfg.deepspeed.offload_optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

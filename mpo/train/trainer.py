@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -32,12 +33,14 @@ from mpo.data.formats import DataSource
 from mpo.data.index import PairIndex, index_path, rendering_options
 from mpo.data.packing import PackingOptions
 from mpo.data.records import DataError, Rejects
+from mpo.data.render import ImageOptions
+from mpo.models.families import family_of
 from mpo.models.loading import lm_head
 from mpo.train import checkpoint
 from mpo.train.config import Config, dump
 from mpo.train.data import TrainPlan
 from mpo.train.distributed import Dist, all_gather_objects, barrier, init
-from mpo.train.engine import build, deepspeed_config, train_dtype
+from mpo.train.engine import build, deepspeed_config, role_lrs, train_dtype
 from mpo.train.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_gb
 from mpo.train.reference import ReferenceModel, build_cache, cache_key, load_cache
 
@@ -79,7 +82,9 @@ class Trainer:
         # already there) keeps the first start's list as it is
         listed = self.dist.main and not resume
         self.rejects = Rejects(self.run_dir / "rejects.jsonl" if listed else None, strict=cfg.data.strict)
-        self.rendering = rendering_options(self.packing, cfg.data.max_patches, cfg.data.max_image_pixels)
+        self.images = ImageOptions(cfg.data.max_patches, cfg.data.min_pixels, cfg.data.max_pixels,
+                                   cfg.data.max_image_pixels)
+        self.rendering = rendering_options(self.packing, self.images)
         self.train_pairs = self._pairs("train", cfg.data.train)
         self.eval_pairs = self._pairs("eval", cfg.data.eval) if cfg.data.eval else None
         self.plan = TrainPlan(self.train_pairs, seed=cfg.train.seed, global_batch_pairs=cfg.train.global_batch_pairs,
@@ -106,8 +111,7 @@ class Trainer:
         if main:
             try:
                 pairs = PairDataset.open(cfg.model.path, source, self.packing, self.rejects,
-                                         max_patches=cfg.data.max_patches, max_image_pixels=cfg.data.max_image_pixels,
-                                         index_dir=index_dir, workers=cfg.data.num_workers)
+                                         images=self.images, index_dir=index_dir, workers=cfg.data.num_workers)
             except (DataError, ValueError) as e:
                 error = e
         found = all_gather_objects((str(error) if error else None, pairs.index.key if pairs else None))[0]
@@ -300,6 +304,21 @@ class Trainer:
                 "config": self.cfg.to_dict(), "world_size": self.dist.world, "scheduler": self.scheduler.state_dict(),
                 "reward_shift": self.policy.reward_shift.state_dict()}
 
+    def startup_summary(self) -> str:
+        """One line on what this run trains, with what, at which learning rates."""
+        cfg, model = self.cfg, self.policy.model
+        numel = lambda p: getattr(p, "ds_numel", p.numel())
+        trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+        total = sum(numel(p) for p in model.parameters())
+        lrs = role_lrs(model, cfg)[1]
+        family = family_of(model.config)
+        rates = ", ".join(f"{role} {lrs[role]:g}" for role in (("language", "vision", "projector") if family.vision
+                                                                else ("language",)))
+        return (f"mpo train: {cfg.model.path} ({family.name}, {str(self.dtype).removeprefix('torch.')}, "
+                f"ZeRO-{cfg.deepspeed.zero_stage}, {self.dist.world} rank{'s' * (self.dist.world > 1)}); "
+                f"{len(self.train_pairs.valid)} pairs, {self.total_steps} steps of {cfg.train.global_batch_pairs}; "
+                f"peak lr {rates}; {trainable / 1e6:.1f}M of {total / 1e6:.1f}M parameters trained")
+
     def run(self) -> dict:
         cfg, dist = self.cfg, self.dist
         step, skipped, consecutive = 0, 0, 0
@@ -309,6 +328,8 @@ class Trainer:
             step, skipped, consecutive = state["step"], state["skipped_steps"], state["consecutive_skipped"]
             self.scheduler.load_state_dict(state["scheduler"])
             self.policy.reward_shift.load_state_dict(state["reward_shift"])
+        if dist.main:
+            print(self.startup_summary(), file=sys.stderr, flush=True)
         log = MetricsLog(self.run_dir, main=dist.main, total_steps=self.total_steps, start_step=step,
                          tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
         summary = {"run_dir": str(self.run_dir), "steps": self.total_steps, "train_pairs": len(self.train_pairs.valid),

@@ -46,7 +46,7 @@ class Family:
         """Modules by role (model.freeze_*, MFU): vision, projector, language (the LM head included)."""
         return {"vision": [], "projector": [], "language": [model]}
 
-    def image_tokens(self, model_dir, tokenizer) -> ImageTokens | None:
+    def image_tokens(self, model_dir, tokenizer, options) -> ImageTokens | None:
         return None
 
     def positions(self, ids: list[int], grid: torch.Tensor | None) -> torch.Tensor:
@@ -67,12 +67,17 @@ class ImageTokens:
 
     image_token: str  # what each data "<image>" placeholder becomes in the prompt text
     slot_token: str  # the token that receives one image feature
-    tile_budget = False  # takes a per-pair tile budget (max_patches)
+    knobs: tuple[str, ...] = ()  # the ImageOptions sizing fields the family's processor has
 
-    def __init__(self, model_dir, tokenizer, config):
+    def __init__(self, model_dir, tokenizer, config, options):
         from transformers import AutoImageProcessor, AutoProcessor
 
-        self.tokenizer, self.config, self.processor = tokenizer, config, None
+        foreign = [k for k in ("max_patches", "min_pixels", "max_pixels") if getattr(options, k) is not None
+                   and k not in self.knobs]
+        if foreign:
+            raise ValueError(f"{model_dir}: {', '.join(foreign)} does not apply to {config.model_type} models "
+                             f"(their image processor takes {' / '.join(self.knobs) or 'no sizing option'})")
+        self.tokenizer, self.config, self.options, self.processor = tokenizer, config, options, None
         try:
             processor = AutoProcessor.from_pretrained(model_dir)
             if hasattr(processor, "image_processor"):

@@ -38,8 +38,8 @@ class InternVL(Family):
         return {"vision": [inner.vision_tower], "projector": [inner.multi_modal_projector],
                 "language": [inner.language_model, model.lm_head]}
 
-    def image_tokens(self, model_dir, tokenizer):
-        return InternVLImages(model_dir, tokenizer, self.config)
+    def image_tokens(self, model_dir, tokenizer, options):
+        return InternVLImages(model_dir, tokenizer, self.config, options)
 
     def blank_image(self):
         vision = self.config.vision_config
@@ -50,10 +50,10 @@ class InternVL(Family):
 
 
 class InternVLImages(ImageTokens):
-    tile_budget = True
+    knobs = ("max_patches",)
 
-    def __init__(self, model_dir, tokenizer, config):
-        super().__init__(model_dir, tokenizer, config)
+    def __init__(self, model_dir, tokenizer, config, options):
+        super().__init__(model_dir, tokenizer, config, options)
         if self.processor is not None:
             self.tokens_per_tile = self.processor.image_seq_length
         else:  # what InternVLProcessor reads: processor_config.json's image_seq_length

@@ -54,8 +54,8 @@ class QwenVL(Family):
                 "projector": [m for n, m in children.items() if "merger" in n],
                 "language": [model.model.language_model, model.lm_head]}
 
-    def image_tokens(self, model_dir, tokenizer):
-        return QwenVLImages(model_dir, tokenizer, self.config)
+    def image_tokens(self, model_dir, tokenizer, options):
+        return QwenVLImages(model_dir, tokenizer, self.config, options)
 
     def positions(self, ids, grid):
         ids = torch.tensor([ids])
@@ -74,10 +74,20 @@ class QwenVL(Family):
 
 class QwenVLImages(ImageTokens):
     image_token, slot_token = VISION_START + IMAGE_PAD + VISION_END, IMAGE_PAD
+    knobs = ("min_pixels", "max_pixels")
 
-    def __init__(self, model_dir, tokenizer, config):
-        super().__init__(model_dir, tokenizer, config)
+    def __init__(self, model_dir, tokenizer, config, options):
+        super().__init__(model_dir, tokenizer, config, options)
         self.merge = config.vision_config.spatial_merge_size
+        size = self.image_processor.size  # the processor's own pixel range, unless the options narrow it
+        self.size = {"shortest_edge": options.min_pixels or size.shortest_edge,
+                     "longest_edge": options.max_pixels or size.longest_edge}
+        if self.size["shortest_edge"] > self.size["longest_edge"]:
+            raise ValueError(f"{model_dir}: min_pixels {self.size['shortest_edge']} is above max_pixels "
+                             f"{self.size['longest_edge']}")
+
+    def _image_kwargs(self, images: int, budget: int | None) -> dict:
+        return {"size": self.size}
 
     def control_tokens(self) -> set[str]:
         return {VISION_START, IMAGE_PAD, VISION_END}
