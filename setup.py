@@ -67,6 +67,7 @@ setup(
         "pyyaml",
         "tqdm",
         "deepspeed>=0.16",
+        "peft>=0.17",  # LoRA (lora.r > 0)
         "accelerate>=1.1",  # transformers' DeepSpeed integration (HfDeepSpeedConfig)
     ],
     extras_require={

@@ -414,3 +414,60 @@ def test_a_run_that_never_trained_fails_and_exports_nothing(tmp_path, tiny_model
     train = [r for r in parsed if r["split"] == "train"]
     assert [r["step_applied"] for r in train] == [False, False, False]
     assert all(r["loss"] is None for r in train)
+
+
+@pytest.mark.parametrize("stage,ranks", [(0, 1), (3, 2)])
+def test_lora_trains_only_adapters_and_exports_merged_and_adapter(tmp_path, tiny_models, demo_data, stage, ranks):
+    """final/ is the base model plus alpha / r * B A in every adapted layer and nothing else changed
+    (rebuilt here from final/adapter, and peft's own loader agrees); checkpoints hold the adapters
+    only, well under a quarter of a full-weight checkpoint."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, train={"max_steps": 3},
+                          deepspeed={"zero_stage": stage}, lora={"r": 4, "alpha": 8.0},
+                          checkpoint={"every_steps": 3}, data={"eval": ""})
+    run = tmp_path / "run"
+    mpo("train", config, "--output-dir", run, ranks=ranks)
+    final, base_dir = run / "final", tiny_models["internvl"]
+    model, loading = AutoModelForImageTextToText.from_pretrained(final, output_loading_info=True)
+    assert not any(loading.values()), loading
+    base = dict(AutoModelForImageTextToText.from_pretrained(base_dir).named_parameters())
+    adapter = load_file(str(final / "adapter" / "adapter_model.safetensors"))
+    settings = json.loads((final / "adapter" / "adapter_config.json").read_text())
+    scaling = settings["lora_alpha"] / settings["r"]
+    adapted = 0
+    for name, p in model.named_parameters():
+        prefix = f"base_model.model.{name.removesuffix('.weight')}"
+        if f"{prefix}.lora_A.weight" in adapter:
+            a, b = adapter[f"{prefix}.lora_A.weight"].double(), adapter[f"{prefix}.lora_B.weight"].double()
+            assert b.abs().max() > 0, name  # B starts at 0: trained
+            torch.testing.assert_close(p.double(), base[name].double() + scaling * b @ a, rtol=1e-6, atol=1e-6)
+            adapted += 1
+        else:
+            assert torch.equal(p, base[name]), f"{name} changed without an adapter"
+    assert adapted == 14  # q, k, v, o, gate, up, down in both language layers; nothing in the vision tower
+    with_peft = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base_dir), final / "adapter")
+    for name, p in with_peft.merge_and_unload().named_parameters():
+        torch.testing.assert_close(p, dict(model.named_parameters())[name], rtol=1e-5, atol=1e-6)
+    full_weight = 3 * (base_dir / "model.safetensors").stat().st_size  # fp32 weights + AdamW's two moments
+    stored = sum(f.stat().st_size for f in (run / "checkpoint-3").iterdir())
+    assert stored < full_weight / 4, (stored, full_weight)
+
+
+def test_lora_resumes_bit_identical(tmp_path, tiny_models, demo_data):
+    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, train={"max_steps": 4},
+                          deepspeed={"zero_stage": 0}, lora={"r": 4, "modules_to_save": ["multi_modal_projector"]},
+                          checkpoint={"every_steps": 2, "keep_last": 2}, data={"eval": ""})
+    mpo("train", config, "--output-dir", tmp_path / "whole")
+    run = tmp_path / "resumed"
+    mpo("train", config, "--output-dir", run)
+    shutil.rmtree(run / "checkpoint-4")
+    shutil.rmtree(run / "final")
+    mpo("train", config, "--output-dir", run, "--resume")
+    whole, resumed = (load_file(str(d / "final" / "model.safetensors")) for d in (tmp_path / "whole", run))
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    projector = [k for k in whole if "multi_modal_projector" in k]
+    original = load_file(str(tiny_models["internvl"] / "model.safetensors"))
+    assert projector and any(not torch.equal(whole[k], original[k]) for k in projector)  # trained in full

@@ -12,7 +12,9 @@ Everything is written into .checkpoint-<step>.tmp and renamed when complete, so 
 never leaves a half-written checkpoint behind; the oldest checkpoints beyond `keep_last` are
 removed. Frozen weights are not stored: they are those of the model folder the run starts from.
 final/ is a transformers save_pretrained folder (safetensors, parameters gathered from ZeRO-3)
-with the tokenizer and processor files of the original model folder.
+with the tokenizer and processor files of the original model folder; a LoRA run's adapters are
+merged into it and also saved alone in peft's layout under final/adapter/. (With LoRA the
+trainable weights, and so the checkpoints, are the adapters only.)
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 from safetensors import SafetensorError
 
 from mpo.atomic import save_atomic
+from mpo.models.lora import merged, save_adapter
 from mpo.train.distributed import Dist, all_gather_objects, barrier
 from mpo.train.state import load_state, save_state
 
@@ -178,10 +181,15 @@ def export_final(engine, source_dir: Path, run_dir: Path, dist: Dist, *, zero_st
         if dist.main and name in persistent:
             state[name] = buffer.detach().cpu().clone()
     final, tmp = run_dir / "final", run_dir / ".final.tmp"
+    lora = getattr(engine.module, "lora", None)
     if dist.main:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            # LoRA: the adapters folded into the base weights, and kept apart in final/adapter
+            model.save_pretrained(tmp, state_dict=merged(state, lora.lora_alpha / lora.r) if lora else state,
+                                  safe_serialization=True)
+            if lora:
+                save_adapter(lora, state, tmp / "adapter", str(source_dir.resolve()))
         except SafetensorError as e:  # it names no file
             raise OSError(f"cannot write {tmp}: {e}") from None
         for f in source_dir.iterdir():

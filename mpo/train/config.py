@@ -109,6 +109,16 @@ class TrainConfig:
 
 
 @dataclass
+class LoRAConfig:
+    r: int = opt(0, "LoRA rank (peft); 0 = train the weights themselves", low=0)
+    alpha: float = opt(16.0, "LoRA alpha: the update is scaled by alpha / r", low=0.0)
+    dropout: float = opt(0.0, "dropout on the adapters' input", low=0.0, high=0.9)
+    target_modules: list[str] = opt([], "modules to adapt (names or name suffixes); empty = every linear layer of the "
+                                        "language model, the LM head excluded")
+    modules_to_save: list[str] = opt([], "modules trained in full beside the adapters (e.g. multi_modal_projector)")
+
+
+@dataclass
 class DeepSpeedConfig:
     zero_stage: int = opt(3, "ZeRO stage: 0 (data parallel), 1, 2 or 3 (parameters partitioned)", low=0, high=3)
     offload_optimizer: bool = opt(False, "keep optimizer states in CPU memory (ZeRO stages 1-3)")
@@ -130,7 +140,7 @@ class LoggingConfig:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "optim": OptimConfig,
-            "train": TrainConfig, "deepspeed": DeepSpeedConfig, "checkpoint": CheckpointConfig,
+            "lora": LoRAConfig, "train": TrainConfig, "deepspeed": DeepSpeedConfig, "checkpoint": CheckpointConfig,
             "logging": LoggingConfig}
 
 
@@ -140,6 +150,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -18,6 +18,7 @@ from mpo.losses import RewardShift
 from mpo.models.families import family_of
 from mpo.models.fused_head import PolicyWithLoss
 from mpo.models.loading import load_model, logit_softcap
+from mpo.models.lora import add_lora
 from mpo.mpo_loss import MPOLoss
 from mpo.train.config import Config
 from mpo.train.distributed import Dist
@@ -169,6 +170,10 @@ def build(cfg: Config, dist: Dist, total_steps: int, dtype: torch.dtype, ds_conf
     model = load_model(cfg.model.path, dtype=dtype, device="cpu" if zero3 else dist.device)
     del keep_alive
     freeze(model, cfg)
+    lora = None
+    if cfg.lora.r:
+        c = cfg.lora
+        lora = add_lora(model, c.r, c.alpha, c.dropout, c.target_modules, c.modules_to_save)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     shift = RewardShift(cfg.loss.reward_shift, cfg.loss.reward_shift_momentum)
@@ -176,6 +181,7 @@ def build(cfg: Config, dist: Dist, total_steps: int, dtype: torch.dtype, ds_conf
                         label_smoothing=cfg.loss.label_smoothing, sft_normalization=cfg.loss.sft_normalization,
                         softcap=logit_softcap(model), impl=cfg.loss.impl)
     policy = PolicyWithLoss(model, criterion, zero3=zero3, attention=cfg.model.attention)
+    policy.lora = lora  # peft's LoraConfig, for the export; None without LoRA
 
     roles, lrs = role_lrs(model, cfg)
     optimizer = torch.optim.AdamW(param_groups(policy, cfg.optim.weight_decay, roles, lrs), lr=cfg.optim.lr,
