@@ -217,7 +217,8 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 # what makes a pair-building run's results (a rerun with other values must not reuse them)
-SAMPLING_SETTINGS = ("samples", "max_pairs", "instruction", "format_negatives", "ratio", "temperature",
+SAMPLING_SETTINGS = ("samples", "max_pairs", "instruction", "format_negatives", "truncated_negatives", "ratio",
+                     "temperature",
                      "max_new_tokens", "max_patches", "min_pixels", "max_pixels", "max_image_pixels", "seed",
                      "image_root")
 
@@ -240,8 +241,8 @@ def _pairs(args: argparse.Namespace) -> int:
     records = read_prompts(source, need="answer" if correctness else "chosen", image_root=args.image_root,
                            allow_outside_root=args.allow_outside_root)
     ranks = Ranks.init(args.device)
-    sampler = Sampler(args.model, device=ranks.device, max_new_tokens=args.max_new_tokens,
-                      batch_size=args.batch_size, images=_image_options(args))
+    sampler = Sampler.load(args.model, device=ranks.device, max_new_tokens=args.max_new_tokens,
+                           batch_size=args.batch_size, images=_image_options(args))
     with_images = next((r for r in records if r.images), None)
     if correctness and with_images is not None and not sampler.renderer.vision:
         raise ValueError(f"{with_images.source}: the prompt has images but {args.model} is a text-only model")
@@ -251,7 +252,7 @@ def _pairs(args: argparse.Namespace) -> int:
         process = correctness_process(sampler, samples=args.samples, max_pairs=args.max_pairs,
                                       instruction=INSTRUCTION if args.instruction is None else args.instruction,
                                       temperature=args.temperature, format_negatives=args.format_negatives,
-                                      seed=args.seed)
+                                      truncated_negatives=args.truncated_negatives, seed=args.seed)
         chunk = max(1, args.batch_size // args.samples)
     else:
         process = dropout_process(sampler, ratio=args.ratio, temperature=args.temperature, seed=args.seed)
@@ -263,6 +264,44 @@ def _pairs(args: argparse.Namespace) -> int:
     if counts is not None:
         print(" ".join(f"{k}={v}" for k, v in sorted(counts.items())))
         print(f"wrote {Path(args.out) / 'meta.json'} ({counts['pairs']} pairs)")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from mpo.pairs.correctness import INSTRUCTION
+    from mpo.pairs.evaluate import eval_process, write_report
+    from mpo.pairs.generate import Sampler
+    from mpo.pairs.prompts import read_prompts
+    from mpo.pairs.run import Ranks, merged, run_prompts
+
+    _quiet_transformers()
+    for flag in ("samples", "batch_size", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    temperature = args.temperature if args.temperature is not None else 0.0 if args.samples == 1 else 1.0
+    if temperature == 0 and args.samples > 1:
+        raise ValueError(f"--samples {args.samples} with greedy decoding (--temperature 0) would repeat one response")
+    records = read_prompts(args.prompts, need="answer", image_root=args.image_root, allow_outside_root=True)
+    ranks = Ranks.init(args.device)
+    sampler = Sampler.load(args.model, device=ranks.device, max_new_tokens=args.max_new_tokens,
+                           batch_size=args.batch_size, images=_image_options(args))
+    with_images = next((r for r in records if r.images), None)
+    if with_images is not None and not sampler.renderer.vision:
+        raise ValueError(f"{with_images.source}: the prompt has images but {args.model} is a text-only model")
+    instruction = INSTRUCTION if args.instruction is None else args.instruction
+    settings = {"builder": "eval", "model": str(Path(args.model).resolve()),
+                "prompts": str(Path(args.prompts).resolve()), "samples": args.samples, "temperature": temperature,
+                "instruction": instruction, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+                **{k: getattr(args, k) for k in ("max_patches", "min_pixels", "max_pixels", "max_image_pixels")}}
+    process = eval_process(sampler, samples=args.samples, instruction=instruction, temperature=temperature,
+                           seed=args.seed)
+    run_prompts(records, args.out, ranks=ranks, process=process, chunk=max(1, args.batch_size // args.samples),
+                desc="mpo eval", settings=settings)
+    report = merged(ranks, lambda: write_report(args.out, [r.id for r in records], settings))
+    if report is not None:
+        shown = {k: round(v, 4) for k, v in report.items() if isinstance(v, float)}
+        print(" ".join(f"{k}={v}" for k, v in shown.items()))
+        print(f"wrote {Path(args.out) / 'eval.json'} and items.jsonl ({report['questions']} questions)")
     return 0
 
 
@@ -379,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "'Final answer: ...'); '' for none")
             p.add_argument("--format-negatives", action="store_true",
                            help="also use responses without 'Final answer:' as rejected")
+            p.add_argument("--truncated-negatives", action="store_true",
+                           help="also use responses cut off by --max-new-tokens as rejected (never as chosen)")
         else:
             p.add_argument("--data", required=True, help="JSONL: question, chosen, image, id")
             p.add_argument("--ratio", type=float, default=0.5, help="share of the chosen words kept as the prefix")
@@ -396,6 +437,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
         p.add_argument("--seed", type=int, default=0)
         p.set_defaults(handler=_pairs)
+
+    p = sub.add_parser("eval", help="answer held-out questions with a model and score them against the ground truth")
+    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument("--prompts", required=True, help="JSONL as for `mpo pairs correctness`: question, answer, image, id")
+    p.add_argument("--out", required=True, help="output folder (eval.json, items.jsonl; a rerun resumes)")
+    p.add_argument("--samples", type=int, default=1, help="responses per question (K > 1: pass@1 estimate, pass@K)")
+    p.add_argument("--temperature", type=float, help="0 = greedy (default with one sample; 1.0 with more)")
+    p.add_argument("--instruction", help="appended to each question (default: that of `mpo pairs correctness`); "
+                                         "'' for none")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per generate call")
+    p.add_argument("--image-root", help="folder relative image paths resolve against (default: the file's)")
+    _add_image_args(p)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_eval)
 
     data = sub.add_parser("data", help="check or measure preference data for a model")
     data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)

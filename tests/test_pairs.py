@@ -7,40 +7,24 @@ for correctness pairs on arithmetic prompts that then train with `mpo train`.
 
 import importlib.util
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from commands import env, lines, mpo_cmd, run, write_jsonl
 
 from mpo.data.records import DataError
 from mpo.pairs import extract_answer, is_correct
 from mpo.pairs.correctness import contains_answer, correctness_process, judge_and_pair
 from mpo.pairs.dropout_ntp import cut, without_images
+from mpo.pairs.generate import Completion
 from mpo.pairs.output import ResultLog, read_results
 from mpo.pairs.prompts import read_prompts
 from mpo.pairs.run import Ranks, build
-
-
-def env():
-    e = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return {**e, "PYTHONUNBUFFERED": "1"}
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def lines(path):
-    # "\n" only: sampled text may hold other characters str.splitlines() would split on (U+2028, \x1c, ...)
-    return [x for x in path.read_text(encoding="utf-8").split("\n") if x]
 
 
 def annotations(out):
@@ -99,6 +83,10 @@ def record(answer="7", rid="q"):
     return PromptRecord(rid, "What is 3 + 4?", (), answer, None, "p:1", {})
 
 
+def finished(texts):
+    return [Completion(t, truncated=False) for t in texts]
+
+
 def test_every_correct_with_every_wrong_except_those_containing_the_answer():
     responses = ["3 + 4 = 7.\nFinal answer: 7", "Adding: 7.\nFinal answer: 7",  # correct (distinct)
                  "3 + 4 = 7.\nFinal answer: 7",  # a duplicate text: paired once
@@ -106,7 +94,7 @@ def test_every_correct_with_every_wrong_except_those_containing_the_answer():
                  "It is 7, no, 6.\nFinal answer: 6",  # wrong but contains the answer: not a rejected
                  "Seventeen? 17.\nFinal answer: 17",  # contains 17, not the token 7: usable
                  "I do not know."]  # unparsable: a format negative
-    out = judge_and_pair(record(), responses, question="Q", max_pairs=100, format_negatives=False, seed=0)
+    out = judge_and_pair(record(), finished(responses), question="Q", max_pairs=100, format_negatives=False, seed=0)
     c = out["counts"]
     assert (c["correct"], c["wrong"], c["unparsable"], c["responses"]) == (3, 4, 1, 8)
     pairs = {(p["chosen"], p["rejected"]) for p in out["pairs"]}
@@ -114,19 +102,41 @@ def test_every_correct_with_every_wrong_except_those_containing_the_answer():
     for chosen, rejected in pairs:
         assert is_correct(extract_answer(chosen), "7") and not is_correct(extract_answer(rejected), "7")
         assert not contains_answer(rejected, "7")
-    with_format = judge_and_pair(record(), responses, question="Q", max_pairs=100, format_negatives=True, seed=0)
+    with_format = judge_and_pair(record(), finished(responses), question="Q", max_pairs=100, format_negatives=True,
+                                 seed=0)
     assert len(with_format["pairs"]) == 2 * 4 and ("Adding: 7.\nFinal answer: 7", "I do not know.") in {
         (p["chosen"], p["rejected"]) for p in with_format["pairs"]}
 
 
 def test_max_pairs_is_a_seeded_sample_and_no_pair_is_counted():
     responses = [f"Step {k}.\nFinal answer: 7" for k in range(4)] + [f"Final answer: {k}" for k in (1, 2, 3)]
-    a = judge_and_pair(record(), responses, question="Q", max_pairs=5, format_negatives=False, seed=1)
-    b = judge_and_pair(record(), responses, question="Q", max_pairs=5, format_negatives=False, seed=1)
+    a = judge_and_pair(record(), finished(responses), question="Q", max_pairs=5, format_negatives=False, seed=1)
+    b = judge_and_pair(record(), finished(responses), question="Q", max_pairs=5, format_negatives=False, seed=1)
     assert len(a["pairs"]) == 5 and a["pairs"] == b["pairs"]
     assert {p["chosen"] for p in a["pairs"]} != {responses[0]}  # not just the first correct response
-    none = judge_and_pair(record(), ["Final answer: 7"] * 3, question="Q", max_pairs=5, format_negatives=False, seed=1)
+    none = judge_and_pair(record(), finished(["Final answer: 7"] * 3), question="Q", max_pairs=5,
+                          format_negatives=False, seed=1)
     assert none["pairs"] == [] and none["counts"]["no_pair_possible"] == 1
+
+
+def test_a_truncated_response_is_never_chosen_and_rejected_only_when_asked():
+    """A response cut off by the token limit may state the right answer and ramble on."""
+    responses = [Completion("3 + 4 = 7.\nFinal answer: 7", truncated=False),
+                 Completion("Final answer: 7\n\nThis is a classic example of how humans often", truncated=True),
+                 Completion("3 + 4 = 8.\nFinal answer: 8", truncated=False),
+                 Completion("3 + 4 = 9.\nFinal answer: 9 and then", truncated=True),
+                 Completion("Let me think about 3 and", truncated=True)]
+    out = judge_and_pair(record(), responses, question="Q", max_pairs=100, format_negatives=False, seed=0)
+    c = out["counts"]
+    assert (c["correct"], c["wrong"], c["unparsable"], c["truncated"]) == (2, 2, 1, 3)
+    assert [(p["chosen"], p["rejected"]) for p in out["pairs"]] == [(responses[0].text, responses[2].text)]
+    both = judge_and_pair(record(), responses, question="Q", max_pairs=100, format_negatives=True,
+                          truncated_negatives=True, seed=0)
+    assert {p["chosen"] for p in both["pairs"]} == {responses[0].text}
+    assert {p["rejected"] for p in both["pairs"]} == {r.text for r in responses[2:]}
+    only_truncated = judge_and_pair(record(), responses, question="Q", max_pairs=100, format_negatives=False,
+                                    truncated_negatives=True, seed=0)
+    assert {p["rejected"] for p in only_truncated["pairs"]} == {responses[2].text, responses[3].text}
 
 
 def test_contains_answer_matches_whole_tokens():
@@ -169,7 +179,7 @@ class ScriptedSampler:
 
     def generate(self, requests, *, temperature, seed):
         self.requests += requests
-        return [self.script(r) for r in requests]
+        return [Completion(self.script(r), truncated=False) for r in requests]
 
 
 def test_correctness_build_with_images_writes_mmpr_the_trainer_reads(tmp_path, demo_data, tiny_models):
@@ -227,7 +237,7 @@ def test_an_unreadable_image_is_counted_not_fatal(tmp_path, tiny_models, arch):
     (tmp_path / "bad.png").write_bytes(b"not a png at all")
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"question": "Colour?", "answer": "red", "image": "good.png"},
                                                  {"question": "Colour?", "answer": "red", "image": "bad.png"}])
-    sampler = Sampler(tiny_models[arch], device=torch.device("cpu"), max_new_tokens=4, batch_size=8)
+    sampler = Sampler.load(tiny_models[arch], device=torch.device("cpu"), max_new_tokens=4, batch_size=8)
     counts = build(read_prompts(prompts, need="answer"), tmp_path / "out", name="p", image_root=tmp_path,
                    ranks=Ranks(0, 1, torch.device("cpu")), process=correctness_process(sampler, samples=2, max_pairs=4),
                    chunk=2, desc="t", settings={}, progress=False)
@@ -281,23 +291,6 @@ def test_bad_arguments_are_refused_before_any_model_loads(tmp_path, capsys):
 
 
 # --- the commands --------------------------------------------------------------------------------------
-
-def mpo_cmd(*args, ranks=1):
-    launcher = [sys.executable, "-m", "mpo"]
-    if ranks > 1:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
-                    f"--master-port={port}", "-m", "mpo"]
-    return [*launcher, *map(str, args)]
-
-
-def run(*args, ranks=1, timeout=900):
-    proc = subprocess.run(mpo_cmd(*args, ranks=ranks), capture_output=True, text=True, env=env(), timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
-
 
 @pytest.fixture
 def count_prompts(tmp_path, demo_data):
@@ -357,6 +350,7 @@ def test_correctness_command_with_the_tiny_model(tmp_path, tiny_models, demo_dat
     printed = run("pairs", "correctness", "--model", tiny_models["internvl"], "--prompts", count_prompts,
                   "--image-root", demo_data, "--out", out, "--samples", "3", "--max-new-tokens", "8").stdout
     summary = json.loads((out / "summary.json").read_text())
+    assert 0 < summary.pop("truncated") <= 24  # (8 random tokens rarely hold an end-of-turn)
     assert summary == {"prompts": 8, "responses": 24, "unparsable": 24, "no_pair_possible": 8, "pairs": 0}
     assert "pairs=0" in printed and annotations(out) == []
 

@@ -5,8 +5,12 @@ wrong text contains the ground-truth answer as a token of its own ("7" in "... s
 not in "17"): such a response may well reason correctly and slip at the end, and MMPR drops those
 pairs. The check applies to numbers and texts, not to option letters or yes/no. Responses without
 the "Final answer:" trigger are format negatives: counted, and used as rejected responses only
-with `format_negatives=True`. At most `max_pairs` pairs per prompt, a seeded sample of all
-candidates (taking the first ones would favour the first correct response).
+with `format_negatives=True`. A response cut off by the token limit (no end-of-turn) is counted as
+`truncated` and never chosen, however right its answer: it may state "Final answer: 26" and then
+ramble on, and the model would learn to. It is a rejected response only with
+`truncated_negatives=True` (and, without the trigger, `format_negatives=True`). At most `max_pairs`
+pairs per prompt, a seeded sample of all candidates (taking the first ones would favour the first
+correct response).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections import Counter
 
 from mpo.data.records import BadPair
 from mpo.pairs.answers import answer_kind, extract_answer, is_correct
-from mpo.pairs.generate import Request, Sampler
+from mpo.pairs.generate import Completion, Request, Sampler
 from mpo.pairs.prompts import PromptRecord
 
 INSTRUCTION = "Think step by step, then finish your response with a last line of the form \"Final answer: <answer>\"."
@@ -35,23 +39,30 @@ def contains_answer(text: str, answer: str) -> bool:
     return re.search(rf"(?<![\w.]){re.escape(answer.strip())}(?!\w|\.\d)", text, re.IGNORECASE) is not None
 
 
-def judge_and_pair(record: PromptRecord, responses: list[str], *, question: str, max_pairs: int,
-                   format_negatives: bool, seed: int) -> dict:
+def verdict(text: str, answer: str) -> str:
+    """correct, wrong, or unparsable (no "Final answer:" trigger)."""
+    said = extract_answer(text)
+    if said is None:
+        return "unparsable"
+    return "correct" if is_correct(said, answer) else "wrong"
+
+
+def judge_and_pair(record: PromptRecord, responses: list[Completion], *, question: str, max_pairs: int,
+                   format_negatives: bool, seed: int, truncated_negatives: bool = False) -> dict:
     """One prompt's result: its pairs and per-reason counts."""
     counts: Counter = Counter(prompts=1, responses=len(responses))
-    correct, wrong, unparsable = [], [], []
-    for text in responses:
-        answer = extract_answer(text)
-        if answer is None:
-            counts["unparsable"] += 1
-            unparsable.append(text)
-        elif is_correct(answer, record.answer):
-            counts["correct"] += 1
-            correct.append(text)
-        else:
-            counts["wrong"] += 1
-            wrong.append(text)
-    rejected_pool = list(dict.fromkeys(wrong + (unparsable if format_negatives else [])))
+    correct, rejected_pool = [], []
+    for response in responses:
+        kind = verdict(response.text, record.answer)
+        counts[kind] += 1
+        if response.truncated:
+            counts["truncated"] += 1
+        if kind == "correct" and not response.truncated:
+            correct.append(response.text)
+        elif (kind == "wrong" or format_negatives and kind == "unparsable") \
+                and (truncated_negatives or not response.truncated):
+            rejected_pool.append(response.text)
+    rejected_pool = list(dict.fromkeys(rejected_pool))
     candidates = []
     for chosen in dict.fromkeys(correct):
         for rejected in rejected_pool:
@@ -69,7 +80,8 @@ def judge_and_pair(record: PromptRecord, responses: list[str], *, question: str,
 
 
 def correctness_process(sampler: Sampler, *, samples: int, max_pairs: int, instruction: str = INSTRUCTION,
-                        temperature: float = 1.0, format_negatives: bool = False, seed: int = 0):
+                        temperature: float = 1.0, format_negatives: bool = False, truncated_negatives: bool = False,
+                        seed: int = 0):
     """The per-chunk step of `mpo pairs correctness` (see `mpo.pairs.run.build`)."""
     def process(chunk: list[PromptRecord]) -> list[dict]:
         questions = {r.id: question_with_instruction(r.question, instruction) for r in chunk}
@@ -85,6 +97,7 @@ def correctness_process(sampler: Sampler, *, samples: int, max_pairs: int, instr
                                 "pairs": [], "error": str(bad)})
                 continue
             results.append(judge_and_pair(r, mine, question=questions[r.id], max_pairs=max_pairs,
-                                          format_negatives=format_negatives, seed=seed))
+                                          format_negatives=format_negatives, truncated_negatives=truncated_negatives,
+                                          seed=seed))
         return results
     return process

@@ -47,10 +47,10 @@ def dropout_process(sampler: Sampler, *, ratio: float = 0.5, temperature: float 
                 counts["too_short"] += 1
             elif isinstance(continuations[r.id], BadPair):
                 counts[continuations[r.id].reason] += 1
-            elif not continuations[r.id].strip():
+            elif not continuations[r.id].text.strip():
                 counts["empty_continuation"] += 1
             else:
-                rejected = prefixes[r.id] + continuations[r.id]
+                rejected = prefixes[r.id] + continuations[r.id].text
                 if rejected.strip() == r.chosen.strip():
                     counts["identical"] += 1
                 else:

@@ -7,7 +7,9 @@ model fills its image slots in that order). Each request is its own row, never e
 `num_return_sequences`: that would repeat each prompt's tiles in place and break the order.
 Sampling is seeded per batch from (seed, the batch's request keys): a rerun of the same batch
 draws the same responses. A prompt that cannot be rendered (an unreadable image, ...) does not
-stop the batch: its result is the `BadPair` saying why, for the builder to count.
+stop the batch: its result is the `BadPair` saying why, for the builder to count. A completion that
+hit `max_new_tokens` before an end-of-turn token is marked `truncated`: it may look finished ("Final
+answer: 26") and go on rambling, so it is no example of a good response.
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ from mpo.data.render import ImageOptions, Renderer
 
 
 @dataclass(frozen=True)
+class Completion:
+    text: str
+    truncated: bool  # ended by max_new_tokens, not by an end-of-turn token
+
+
+@dataclass(frozen=True)
 class Request:
     key: str  # identifies the request in the seed (prompt id and sample number)
     messages: tuple[dict, ...]
@@ -31,12 +39,14 @@ class Request:
 
 
 class Sampler:
-    def __init__(self, model_dir: str | Path, *, device: torch.device, dtype: torch.dtype | None = None,
-                 max_new_tokens: int = 512, batch_size: int = 16, images: ImageOptions | None = None):
-        self.renderer = Renderer(model_dir, images)
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        self.model = self.renderer.family.auto_class().from_pretrained(model_dir, dtype=dtype).to(device).eval()
-        self.device, self.dtype = device, dtype
+    """Samples from `model` (already on `device`); `Sampler.load` reads one from a folder.
+    `synced` keeps every rank stepping until all ranks' batches are done (ZeRO-3 gathers each
+    layer's weights collectively, so a rank that stops early would leave the others waiting)."""
+
+    def __init__(self, model, renderer: Renderer, *, device: torch.device, dtype: torch.dtype,
+                 max_new_tokens: int = 512, batch_size: int = 16, synced: bool = False):
+        self.renderer, self.model = renderer, model
+        self.device, self.dtype, self.synced = device, dtype, synced
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         tok = self.renderer.tokenizer
         ends = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else None}
@@ -45,7 +55,16 @@ class Sampler:
         self.eos = sorted(e for e in ends if e is not None)
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else self.eos[0]
 
-    def generate(self, requests: list[Request], *, temperature: float = 1.0, seed: int = 0) -> list[str | BadPair]:
+    @classmethod
+    def load(cls, model_dir: str | Path, *, device: torch.device, dtype: torch.dtype | None = None,
+             images: ImageOptions | None = None, **options) -> Sampler:
+        renderer = Renderer(model_dir, images)
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        model = renderer.family.auto_class().from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        return cls(model, renderer, device=device, dtype=dtype, **options)
+
+    def generate(self, requests: list[Request], *, temperature: float = 1.0,
+                 seed: int = 0) -> list[Completion | BadPair]:
         """One completion per request (decoded, special tokens dropped), in request order."""
         out = []
         for lo in range(0, len(requests), self.batch_size):
@@ -53,8 +72,8 @@ class Sampler:
         return out
 
     @torch.no_grad()
-    def _batch(self, requests: list[Request], temperature: float, seed: int) -> list[str | BadPair]:
-        results: list[str | BadPair | None] = [None] * len(requests)
+    def _batch(self, requests: list[Request], temperature: float, seed: int) -> list[Completion | BadPair]:
+        results: list[Completion | BadPair | None] = [None] * len(requests)
         encoded, rows = [], []
         for k, r in enumerate(requests):
             try:
@@ -84,12 +103,14 @@ class Sampler:
             else dict(do_sample=False)
         generated = self.model.generate(
             input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-            max_new_tokens=self.max_new_tokens, eos_token_id=self.eos, pad_token_id=self.pad, **sampling, **kwargs)
+            max_new_tokens=self.max_new_tokens, eos_token_id=self.eos, pad_token_id=self.pad,
+            synced_gpus=self.synced, **sampling, **kwargs)
         new = generated[:, width:].cpu()
         for k, (ids, _, _), row in zip(rows, encoded, new):
             ends = [j for j, t in enumerate(row.tolist()) if t in self.eos]
             kept = row[:ends[0]].tolist() if ends else row.tolist()
-            results[k] = self._decode(ids[-1], kept) if requests[k].response_prefix else self._decode(None, kept)
+            text = self._decode(ids[-1], kept) if requests[k].response_prefix else self._decode(None, kept)
+            results[k] = Completion(text, truncated=not ends)
         return results
 
     def _decode(self, last_prompt_id: int | None, ids: list[int]) -> str:

@@ -1,8 +1,9 @@
-"""The loop both pair builders share: shard over ranks, skip what is done, record, merge.
+"""The loop the pair builders and `mpo eval` share: shard over ranks, skip what is done, record, merge.
 
 Under `torchrun` each rank takes prompts k with k % world == rank and writes its own result file;
-after a barrier (gloo: it is the only collective needed) rank 0 writes the MMPR folder. Without a
-launcher it is one rank. See `mpo.pairs.output` for the files and how a rerun resumes.
+after a barrier (gloo: it is the only collective needed) rank 0 writes the output (the MMPR folder,
+or the evaluation report). Without a launcher it is one rank. See `mpo.pairs.output` for the files
+and how a rerun resumes.
 """
 
 from __future__ import annotations
@@ -45,15 +46,15 @@ class Ranks:
             torch.distributed.barrier()
 
 
-def build(records: list[PromptRecord], out_dir: str | Path, *, name: str, image_root: Path, ranks: Ranks,
-          process: Callable[[list[PromptRecord]], list[dict]], chunk: int, desc: str, settings: dict,
-          images: str = "link", progress: bool = True) -> dict | None:
-    """Run `process` over this rank's unfinished prompts, `chunk` at a time; -> counts (rank 0).
-    `settings` (builder, model, input, sampling options) must match those of the results already in
-    OUT: finished prompts are only skipped when they were made the same way."""
+def run_prompts(records: list[PromptRecord], out_dir: str | Path, *, ranks: Ranks,
+                process: Callable[[list[PromptRecord]], list[dict]], chunk: int, desc: str, settings: dict,
+                progress: bool = True) -> None:
+    """Run `process` over this rank's unfinished prompts, `chunk` at a time, each result appended to
+    OUT/work as it is made. `settings` (builder, model, input, sampling options) must match those of
+    the results already in OUT: finished prompts are only skipped when they were made the same way."""
     from tqdm import tqdm
 
-    check_settings(Path(out_dir), {"name": name, **settings})
+    check_settings(Path(out_dir), settings)
     log = ResultLog(out_dir, ranks.rank)
     try:
         mine = [r for k, r in enumerate(records) if k % ranks.world == ranks.rank and r.id not in log.finished]
@@ -64,14 +65,27 @@ def build(records: list[PromptRecord], out_dir: str | Path, *, name: str, image_
                 bar.update(len(mine[lo:lo + chunk]))
     finally:
         log.close()
+
+
+def merged(ranks: Ranks, write: Callable[[], dict]):
+    """`write()`'s value on rank 0 once every rank has finished its prompts; None on the others."""
     ranks.barrier()
-    counts = None
+    out = None
     try:
         if ranks.rank == 0:
-            counts = write_mmpr(out_dir, name, [r.id for r in records], image_root, images=images)
+            out = write()
     finally:  # the other ranks wait for the merge, whether it worked or not
         ranks.barrier()
-    return counts
+    return out
+
+
+def build(records: list[PromptRecord], out_dir: str | Path, *, name: str, image_root: Path, ranks: Ranks,
+          process: Callable[[list[PromptRecord]], list[dict]], chunk: int, desc: str, settings: dict,
+          images: str = "link", progress: bool = True) -> dict | None:
+    """The pair builders' run: `run_prompts`, then rank 0 writes the MMPR folder -> counts (rank 0)."""
+    run_prompts(records, out_dir, ranks=ranks, process=process, chunk=chunk, desc=desc,
+                settings={"name": name, **settings}, progress=progress)
+    return merged(ranks, lambda: write_mmpr(out_dir, name, [r.id for r in records], image_root, images=images))
 
 
 def check_settings(out_dir: Path, settings: dict) -> None:
