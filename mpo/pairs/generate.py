@@ -98,13 +98,15 @@ class Sampler:
             kwargs["image_grid_thw"] = torch.cat(grids)
         kwargs = {k: v.to(self.device) for k, v in kwargs.items()}
         digest = hashlib.sha256(f"{seed}|{'|'.join(r.key for r in requests)}".encode()).digest()
-        torch.manual_seed(int.from_bytes(digest[:8], "little"))
         sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 \
             else dict(do_sample=False)
-        generated = self.model.generate(
-            input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-            max_new_tokens=self.max_new_tokens, eos_token_id=self.eos, pad_token_id=self.pad,
-            synced_gpus=self.synced, **sampling, **kwargs)
+        # a forked random state: sampling inside a training run must not move the trainer's
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(int.from_bytes(digest[:8], "little"))
+            generated = self.model.generate(
+                input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                max_new_tokens=self.max_new_tokens, eos_token_id=self.eos, pad_token_id=self.pad,
+                synced_gpus=self.synced, **sampling, **kwargs)
         new = generated[:, width:].cpu()
         for k, (ids, _, _), row in zip(rows, encoded, new):
             ends = [j for j, t in enumerate(row.tolist()) if t in self.eos]

@@ -47,6 +47,8 @@ class ModelConfig:
 class DataConfig:
     train: str = opt("", "training pairs: MMPR meta .json, .jsonl, .parquet or a saved datasets folder")
     eval: str = opt("", "held-out pairs (same formats); empty = no evaluation")
+    eval_prompts: str = opt("", "held-out questions (`mpo eval`'s JSONL: question, answer, image) answered greedily "
+                                "during training: eval/accuracy; empty = none")
     packing: str = opt("prefix", "packed row layout", choices=LAYOUTS)
     overlong: str = opt("truncate", "pairs longer than a row: cut the responses, or drop the pair", choices=OVERLONG)
     strict: bool = opt(False, "stop at the first bad record instead of skipping it")
@@ -105,6 +107,10 @@ class TrainConfig:
     global_batch_pairs: int = opt(256, "pairs per optimizer step, over all micro-batches and ranks", low=1)
     max_tokens_per_row: int = opt(8192, "tokens per packed row (one micro-batch)", low=2)
     eval_every: int = opt(0, "evaluate every N steps (0 = only before and after training)", low=0)
+    eval_generation_every: int = opt(0, "answer data.eval_prompts every N steps (0 = only before and after "
+                                        "training)", low=0)
+    eval_max_new_tokens: int = opt(256, "longest answer generated for data.eval_prompts", low=1)
+    eval_batch_size: int = opt(32, "questions per generate call for data.eval_prompts", low=1)
     device: str = opt("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
 
 

@@ -73,9 +73,12 @@ def summary_table(summary: dict) -> str:
     before, after = summary.get("eval_before", {}), summary.get("eval_after", {})
     rows = [("held-out reward accuracy", "rewards/accuracies", "{:.2f}"),
             ("held-out reward margin", "rewards/margins", "{:.3f}"),
-            ("held-out loss", "loss", "{:.4f}")]
+            ("held-out loss", "loss", "{:.4f}"),
+            ("held-out answer accuracy", "accuracy", "{:.3f}")]
     lines = [f"{'':28}{'before':>10}{'after':>10}"]
     for label, key, fmt in rows:
+        if key not in before and key not in after:
+            continue
         cells = [fmt.format(d[key]) if key in d else "-" for d in (before, after)]
         lines.append(f"{label:28}{cells[0]:>10}{cells[1]:>10}")
     lines.append(f"run directory: {summary['run_dir']} (SFT warm-up in warmup/)"

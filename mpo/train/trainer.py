@@ -41,6 +41,7 @@ from mpo.train.config import Config, dump
 from mpo.train.data import TrainPlan
 from mpo.train.distributed import Dist, all_gather_objects, barrier, init
 from mpo.train.engine import build, deepspeed_config, role_lrs, train_dtype
+from mpo.train.generation_eval import GenerationEval
 from mpo.train.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_gb
 from mpo.train.reference import ReferenceModel, build_cache, cache_key, load_cache
 
@@ -95,10 +96,17 @@ class Trainer:
         self.online, self.ref = None, {}
         self._batches, self._loader_step = None, None  # the training rows' loader, and the step it is at
         self._prepare_reference()
+        self.generation_eval = None
         if train:
             self.engine, self.scheduler = build(cfg, self.dist, self.total_steps, self.dtype, self.ds_config)
             self.policy = self.engine.module
             self.flops_per_token = flops_per_token(self.policy.model, lm_head(self.policy.model).weight)
+            if cfg.data.eval_prompts:
+                self.generation_eval = GenerationEval(
+                    cfg.data.eval_prompts, model_dir=cfg.model.path, images=self.images,
+                    image_root=cfg.data.image_root or None, dist=self.dist,
+                    max_new_tokens=cfg.train.eval_max_new_tokens, batch_size=cfg.train.eval_batch_size,
+                    synced=self.dist.world > 1)
 
     def _pairs(self, split: str, data: str) -> PairDataset:
         """The split's pairs: rank 0 loads the matching index or builds it (the other ranks wait,
@@ -297,6 +305,17 @@ class Trainer:
         self.engine.train()
         return {**self._global(sums, names, pair_count), "pairs": pair_count}
 
+    def _evaluations(self, step: int, *, scheduled: bool) -> dict:
+        """The held-out pair metrics and the generation accuracy due at this step (all at the start and
+        the end, `scheduled` ones in between)."""
+        cfg, out = self.cfg, {}
+        if self.eval_pairs is not None and (not scheduled or cfg.train.eval_every and step % cfg.train.eval_every == 0):
+            out.update(self.evaluate())
+        every = cfg.train.eval_generation_every
+        if self.generation_eval is not None and (not scheduled or every and step % every == 0):
+            out.update(self.generation_eval(self.policy.model, self.dtype, self.run_dir, step))
+        return out
+
     # --- the run ------------------------------------------------------------------------------------------
 
     def _state(self, step: int, skipped: int, consecutive: int) -> dict:
@@ -334,9 +353,10 @@ class Trainer:
                          tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
         summary = {"run_dir": str(self.run_dir), "steps": self.total_steps, "train_pairs": len(self.train_pairs.valid),
                    "rejected": self.train_pairs.rejected}
-        if self.eval_pairs is not None and not self.resume:
-            summary["eval_before"] = self.evaluate()
-            log.log(step, "eval", summary["eval_before"])
+        if not self.resume:
+            summary["eval_before"] = self._evaluations(step, scheduled=False)
+            if summary["eval_before"]:
+                log.log(step, "eval", summary["eval_before"])
         try:
             while step < self.total_steps:
                 metrics = self.train_step(step)
@@ -351,14 +371,15 @@ class Trainer:
                 if step % cfg.logging.every_steps == 0 or step == self.total_steps:
                     log.log(step, "train", {**metrics, "skipped_steps": skipped})
                 log.advance()
-                if self.eval_pairs is not None and cfg.train.eval_every and step % cfg.train.eval_every == 0 \
-                        and step < self.total_steps:
-                    log.log(step, "eval", self.evaluate())
+                if step < self.total_steps:
+                    scheduled = self._evaluations(step, scheduled=True)
+                    if scheduled:
+                        log.log(step, "eval", scheduled)
                 if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < self.total_steps:
                     checkpoint.save(self.engine, self.run_dir, step, self._state(step, skipped, consecutive), dist,
                                     zero_stage=cfg.deepspeed.zero_stage, keep_last=cfg.checkpoint.keep_last)
-            if self.eval_pairs is not None:
-                summary["eval_after"] = self.evaluate()
+            summary["eval_after"] = self._evaluations(step, scheduled=False)
+            if summary["eval_after"]:
                 log.log(step, "eval", summary["eval_after"])
         finally:
             self._batches, self._loader_step = None, None  # stops the loader's workers
@@ -377,7 +398,7 @@ class Trainer:
 
 
 # What may change between a run and its resumption: where and how often it reports and saves.
-RESUME_MAY_CHANGE = ("train.output_dir", "train.eval_every", "data.eval", "data.strict", "logging.", "checkpoint.")
+RESUME_MAY_CHANGE = ("train.output_dir", "train.eval_", "data.eval", "data.strict", "logging.", "checkpoint.")
 
 
 def _check_resumable(cfg: Config, ckpt: Path) -> None:

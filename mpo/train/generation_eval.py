@@ -1,0 +1,88 @@
+"""Held-out questions answered during training (`data.eval_prompts`): eval/accuracy beside the rewards.
+
+The prompts are `mpo eval`'s (question, answer, optional images), asked with the same instruction,
+answered greedily by the policy being trained and judged by the same rules, so the numbers match
+`mpo eval` on a saved model. Every rank answers its share (question k on rank k % world); the counts
+are summed over ranks and rank 0 writes the answers to <run>/generations/step-<N>.jsonl.
+
+Under ZeRO-3 each layer's weights are gathered collectively, so every rank must run the same number
+of forward passes: the shares are padded to equal length (the padding's answers are dropped) and
+`generate` keeps finished ranks stepping until all are done (`synced_gpus`). Every question is
+rendered once when the run starts, so a bad image stops the run then, naming its line, rather than
+leaving one rank without a batch mid-run.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from mpo.atomic import write_text_atomic
+from mpo.data.records import BadPair, DataError
+from mpo.data.render import ImageOptions, Renderer
+from mpo.models.families import family_of
+from mpo.models.loading import enable_packed_attention
+from mpo.pairs.correctness import INSTRUCTION, question_with_instruction, verdict
+from mpo.pairs.generate import Request, Sampler
+from mpo.pairs.prompts import read_prompts
+from mpo.train.distributed import Dist, all_gather_objects, all_sum
+
+
+class GenerationEval:
+    def __init__(self, path: str, *, model_dir: str, images: ImageOptions, image_root: str | None, dist: Dist,
+                 max_new_tokens: int, batch_size: int, synced: bool):
+        self.dist, self.max_new_tokens, self.batch_size, self.synced = dist, max_new_tokens, batch_size, synced
+        self.records = read_prompts(path, need="answer", image_root=image_root, allow_outside_root=True)
+        self.renderer = Renderer(model_dir, images)
+        self.questions = [question_with_instruction(r.question, INSTRUCTION) for r in self.records]
+        for r, q in zip(self.records[dist.rank::dist.world], self.questions[dist.rank::dist.world]):
+            try:
+                self.renderer.prompt(({"role": "user", "content": q},), r.images)
+            except BadPair as bad:
+                raise DataError(f"{r.source}: data.eval_prompts: {bad}") from None
+
+    @torch.no_grad()
+    def __call__(self, model, dtype: torch.dtype, run_dir: Path, step: int) -> dict:
+        rank, world = self.dist.rank, self.dist.world
+        mine = list(range(rank, len(self.records), world))
+        share = -(-len(self.records) // world)
+        padded = mine + [mine[0] if mine else 0] * (share - len(mine))
+        requests = [Request(f"{self.records[k].id}#0", ({"role": "user", "content": self.questions[k]},),
+                            self.records[k].images) for k in padded]
+        sampler = Sampler(model, self.renderer, device=self.dist.device, dtype=dtype,
+                          max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, synced=self.synced)
+        was_training = model.training
+        model.eval()
+        with standard_attention(model):
+            done = sampler.generate(requests, temperature=0.0)[:len(mine)]
+        model.train(was_training)
+        items = []
+        for k, c in zip(mine, done):
+            if isinstance(c, BadPair):
+                raise DataError(f"{self.records[k].source}: data.eval_prompts: {c}")
+            items.append({"id": self.records[k].id, "answer": self.records[k].answer, "response": c.text,
+                          "verdict": verdict(c.text, self.records[k].answer), "truncated": c.truncated})
+        correct, answered, truncated = all_sum([sum(i["verdict"] == "correct" for i in items),
+                                                sum(i["verdict"] != "unparsable" for i in items),
+                                                sum(i["truncated"] for i in items)], self.dist.device)
+        gathered = all_gather_objects(items)
+        if self.dist.main:
+            order = {r.id: k for k, r in enumerate(self.records)}
+            rows = sorted((i for part in gathered for i in part), key=lambda i: order[i["id"]])
+            write_text_atomic(run_dir / "generations" / f"step-{step}.jsonl",
+                              "".join(json.dumps(i, ensure_ascii=False) + "\n" for i in rows))
+        n = len(self.records)
+        return {"accuracy": correct / n, "with_trigger": answered / n, "truncated": truncated / n, "questions": n}
+
+
+@contextmanager
+def standard_attention(model):
+    """Generation runs the model's ordinary batched, cached forward: packed attention needs packed rows."""
+    model.set_attn_implementation(family_of(model.config).attention("sdpa"))
+    try:
+        yield
+    finally:
+        enable_packed_attention(model)
