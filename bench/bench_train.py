@@ -200,7 +200,7 @@ def worker_mpo(a) -> dict:
         f"model.gradient_checkpointing={a.grad_ckpt}", f"model.dtype={'fp32' if a.cpu else 'bf16'}",
         f"train.device={'cpu' if a.cpu else 'cuda'}", f"loss.reference={'online' if online else 'cache'}",
         f"loss.impl={'torch' if a.cpu else 'auto'}", "optim.lr=1e-6", "optim.warmup_ratio=0",
-        "checkpoint.export_final=false", "logging.progress=false", "logging.tensorboard=false"])
+        "checkpoint.export_final=false", "logging.progress=false", "logging.report_to=[]"])
     ref_s = None
     if not online:
         start = time.perf_counter()

@@ -2,6 +2,8 @@
 (freezing and MFU read them), text documents keep plain positions in every M-RoPE row, and the
 blank image runs through the vision tower."""
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoConfig, LlavaConfig
@@ -91,3 +93,54 @@ def test_a_text_only_row_runs_the_vision_tower_on_the_blank_image(tiny_models, a
 def positions_of(family, n):
     rows = family.positions(list(range(n)), None)
     return rows if rows.shape[0] == 1 else rows[:, None]
+
+
+def test_packed_rows_look_the_family_up_once_per_model(tiny_models, monkeypatch):
+    """packed_hidden_states runs on every row: the model's family is found on the first and kept
+    (the same hidden states as a fresh lookup), and found again for a model with another config."""
+    import mpo.models.loading as loading
+
+    model = load_model(tiny_models["internvl"]).eval()
+    family = family_of(model.config)
+    n = 10
+    one = torch.zeros((1, n), dtype=torch.long)
+    batch = PackedBatch(input_ids=torch.randint(20, 200, (1, n)), position_ids=positions_of(family, n),
+                        labels=one - 100, seq_ids=one - 1, doc_ids=one, branch_ids=one + SHARED,
+                        cu_seqlens=torch.tensor([0, n], dtype=torch.int32), pixel_values=None,
+                        pair_index=torch.zeros(0, dtype=torch.long), layout="plain")
+    with torch.no_grad():
+        first = packed_hidden_states(model, batch, backend="sdpa")
+        lookups = []
+        real = loading.family_of
+        monkeypatch.setattr(loading, "family_of", lambda config: lookups.append(config) or real(config))
+        again = [packed_hidden_states(model, batch, backend="sdpa") for _ in range(3)]
+        assert lookups == []
+        assert all(torch.equal(first, h) for h in again)
+        other = load_model(tiny_models["qwen2_vl"]).eval()
+        lookups.clear()
+        packed_hidden_states(other, dataclasses.replace(batch, position_ids=positions_of(QwenVL(other.config), n)),
+                             backend="sdpa")
+        assert len(lookups) == 1 and lookups[0] is other.config
+
+
+@pytest.mark.parametrize("arch", ["internvl", "qwen2_5_vl", "llama"])
+def test_4bit_keeps_the_vision_side_and_the_lm_head_unquantized(tiny_models, arch):
+    """QLoRA's BitsAndBytesConfig skips exactly the vision tower, the projector and the LM head:
+    transformers' own matcher leaves their linear layers alone and converts every other one."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from mpo.models.quantized import bnb_4bit
+
+    config = AutoConfig.from_pretrained(tiny_models[arch])
+    family = family_of(config)
+    quant = bnb_4bit(family.auto_class(), config, torch.bfloat16)
+    assert quant.load_in_4bit and quant.bnb_4bit_quant_type == "nf4" and quant.bnb_4bit_use_double_quant
+    assert quant.bnb_4bit_compute_dtype == torch.bfloat16
+    model = load_model(tiny_models[arch])
+    parts = family.parts(model)
+    kept = {id(sub) for part in [*parts["vision"], *parts["projector"], model.get_output_embeddings()]
+            for sub in part.modules()}
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert any(id(m) not in kept for _, m in linears)
+    for name, m in linears:
+        assert should_convert_module(name, quant.llm_int8_skip_modules) == (id(m) not in kept), name

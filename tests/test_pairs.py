@@ -398,7 +398,7 @@ def test_real_lm_correctness_pairs_then_train(tmp_path, smollm2):
         "loss": {"impl": "torch"}, "optim": {"lr": 1e-5, "warmup_ratio": 0.0},
         "train": {"device": "cpu", "max_steps": 2, "global_batch_pairs": 2, "max_tokens_per_row": 1024},
         "deepspeed": {"zero_stage": 0}, "checkpoint": {"export_final": False},
-        "logging": {"progress": False, "tensorboard": False}}))
+        "logging": {"progress": False, "report_to": []}}))
     run("train", config, "--output-dir", tmp_path / "run")
     steps = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps if r["split"] == "train"] == [1, 2]

@@ -40,7 +40,7 @@ def write_config(path, tiny_models, demo_data, **sections):
         "optim": {"lr": 1e-3, "warmup_ratio": 0.0},
         "train": {"device": "cpu", "max_steps": 4, "global_batch_pairs": 8, "max_tokens_per_row": 512},
         "deepspeed": {"zero_stage": 3},
-        "logging": {"progress": False, "tensorboard": False},
+        "logging": {"progress": False, "report_to": []},
     }
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)
@@ -520,3 +520,73 @@ def test_lora_resumes_bit_identical(tmp_path, tiny_models, demo_data):
     projector = [k for k in whole if "multi_modal_projector" in k]
     original = load_file(str(tiny_models["internvl"] / "model.safetensors"))
     assert projector and any(not torch.equal(whole[k], original[k]) for k in projector)  # trained in full
+
+
+ONLINE_DRIVER = """
+import json, sys
+import mpo.train.engine as engine, mpo.train.reference as reference
+from mpo.train.config import load_config
+from mpo.train.trainer import Trainer
+loads = []
+def counted(load):
+    def wrapper(path, **kwargs):
+        loads.append(str(path))
+        return load(path, **kwargs)
+    return wrapper
+engine.load_model, reference.load_model = counted(engine.load_model), counted(reference.load_model)
+t = Trainer(load_config(sys.argv[1], sys.argv[3:]), sys.argv[2])
+t.run()
+if t.dist.main:
+    print(json.dumps({"loads": loads, "policy_is_reference": t.online.model is t.policy.model}))
+"""
+
+
+@pytest.mark.parametrize("stage,ranks", [(0, 1), (3, 2)])
+def test_lora_online_reference_is_the_policy_without_adapters(tmp_path, tiny_models, demo_data, stage, ranks):
+    """loss.reference=online with LoRA loads no second model: the policy with its adapters disabled
+    gives the reference sums, step for step those of the cache (built from a separately loaded base
+    model). The rewards move away from 0 as the adapters train, so a reference that kept them on
+    (the policy itself) would not match. (2 ranks: the ZeRO-3 case, each rank running the same
+    forwards.)"""
+    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, lora={"r": 4, "alpha": 8.0, "dropout": 0.1},
+                          deepspeed={"zero_stage": stage}, checkpoint={"export_final": False})
+    mpo("train", config, "--output-dir", tmp_path / "cache", ranks=ranks)
+    driver = tmp_path / "driver.py"
+    driver.write_text(ONLINE_DRIVER)
+    launch = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                  f"--nproc-per-node={ranks}", f"--master-port={free_port()}"]
+    proc = subprocess.run([*launch, str(driver), str(config), str(tmp_path / "online"), "loss.reference=online"],
+                          capture_output=True, text=True, env=env(), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report == {"loads": [str(tiny_models["internvl"])], "policy_is_reference": True}
+    assert not (tmp_path / "online" / "reference_logps.safetensors").exists()
+    for split in ("train", "eval"):
+        cache, online = rows(tmp_path / "cache", split), rows(tmp_path / "online", split)
+        assert [r["step"] for r in cache] == [r["step"] for r in online] and cache
+        for a, b in zip(cache, online):
+            for key in ("loss", "loss/bco_pair", "rewards/chosen", "rewards/rejected", "logps/chosen"):
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (split, a["step"], key)
+    assert abs(rows(tmp_path / "online", "eval")[-1]["rewards/chosen"]) > 1e-4  # the adapters trained
+
+
+@pytest.mark.gpu
+def test_qlora_trains_adapters_over_4bit_weights(tmp_path, tiny_models, demo_data):
+    """QLoRA on the GPU: finite losses, every step applied, the adapters changed, and final/ an
+    ordinary bf16 model (dequantized, merged) that loads without bitsandbytes' config."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForImageTextToText
+
+    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, model={"dtype": "bf16", "load_in_4bit": True},
+                          loss={"impl": "auto"}, train={"device": "cuda", "max_steps": 3},
+                          deepspeed={"zero_stage": 0}, lora={"r": 4, "alpha": 8.0}, data={"eval": ""})
+    run = tmp_path / "run"
+    mpo("train", config, "--output-dir", run)
+    train = rows(run)
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert all(r["step_applied"] and r["loss"] is not None and abs(r["loss"]) < 1e4 for r in train)
+    adapter = load_file(str(run / "final" / "adapter" / "adapter_model.safetensors"))
+    assert any(t.abs().max() > 0 for k, t in adapter.items() if k.endswith("lora_B.weight"))  # B starts at 0
+    assert "quantization_config" not in json.loads((run / "final" / "config.json").read_text())
+    model = AutoModelForImageTextToText.from_pretrained(run / "final", dtype="auto")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

@@ -147,3 +147,48 @@ def test_deepspeed_json_may_not_change_what_the_trainer_derives(tmp_path):
     path.write_text(json.dumps({"bf16": {"enabled": True}}))
     with pytest.raises(ValueError, match="sets bf16.enabled = True.*from model.dtype"):
         deepspeed_config(load_config(None, REQUIRED + [f"deepspeed.config={path}"]), torch.float32)
+
+
+@pytest.mark.parametrize("items, match", [
+    (["model.load_in_4bit=true"], r"model.load_in_4bit \(QLoRA\).*set lora.r > 0"),
+    (["model.load_in_4bit=true", "lora.r=8"], "deepspeed.zero_stage=0: ZeRO-3 cannot partition bitsandbytes'"),
+    (["model.load_in_4bit=true", "lora.r=8", "deepspeed.zero_stage=2"], "needs deepspeed.zero_stage=0"),
+    (["model.load_in_4bit=true", "lora.r=8", "deepspeed.zero_stage=0", "train.device=cpu"], "needs a CUDA device"),
+    (["logging.report_to=[tensorboard, comet]"], r"logging.report_to: 'comet' is not one of"),
+])
+def test_qlora_and_reporter_settings_are_checked(items, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(None, REQUIRED + items)
+    assert load_config(None, REQUIRED + ["model.load_in_4bit=true", "lora.r=8", "deepspeed.zero_stage=0"])
+
+
+def test_4bit_without_cuda_or_bitsandbytes_is_refused_before_any_data_or_model_loads(tmp_path, monkeypatch):
+    """The device is only known at start (train.device=auto): the trainer refuses there, before it
+    creates the run folder, indexes the data or loads a model."""
+    from mpo.train import trainer
+    from mpo.train.distributed import Dist
+
+    cfg = load_config(None, REQUIRED + ["model.load_in_4bit=true", "lora.r=8", "deepspeed.zero_stage=0"])
+    monkeypatch.setattr(trainer, "init", lambda choice: Dist(0, 1, 0, torch.device("cpu")))
+    monkeypatch.setattr(trainer.PairDataset, "open", lambda *a, **k: pytest.fail("the data was indexed"))
+    with pytest.raises(ValueError, match="model.load_in_4bit: 4-bit .* need a CUDA device.*this run is on cpu"):
+        trainer.Trainer(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    # with CUDA but without the package: named, with how to install it
+    monkeypatch.setattr(trainer, "init", lambda choice: Dist(0, 1, 0, torch.device("cuda", 0)))
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "bitsandbytes" else object())
+    with pytest.raises(ImportError, match="needs the bitsandbytes package: pip install bitsandbytes"):
+        trainer.Trainer(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_wandb_listed_but_not_installed_is_refused_at_start(tmp_path, monkeypatch):
+    from mpo.train import trainer
+    from mpo.train.distributed import Dist
+
+    cfg = load_config(None, REQUIRED + ["logging.report_to=[wandb]"])
+    monkeypatch.setattr(trainer, "init", lambda choice: Dist(0, 1, 0, torch.device("cpu")))
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "wandb" else object())
+    with pytest.raises(ImportError, match="pip install wandb"):
+        trainer.Trainer(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

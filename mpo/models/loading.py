@@ -19,6 +19,7 @@ from mpo.data.packing import SHARED, PackedBatch, as_position_ids
 from mpo.logprobs import linear_sequence_logps
 from mpo.models.families import family_of
 from mpo.models.packed_attention import PackingInfo, register
+from mpo.models.quantized import bnb_4bit
 
 
 def enable_packed_attention(model) -> None:
@@ -26,8 +27,10 @@ def enable_packed_attention(model) -> None:
     model.set_attn_implementation(family_of(model.config).attention(register()))
 
 
-def load_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32, device="cpu"):
-    """A model folder -> the model (causal LM or supported VLM) with packed attention."""
+def load_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32, device="cpu", load_in_4bit=False):
+    """A model folder -> the model (causal LM or supported VLM) with packed attention.
+    load_in_4bit: the language model's linear layers as bitsandbytes NF4 (`mpo.models.quantized`),
+    placed on `device` while loading (a 4-bit model cannot be moved afterwards)."""
     from transformers import AutoConfig
 
     model_dir = Path(model_dir)
@@ -36,9 +39,21 @@ def load_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32, dev
     config = AutoConfig.from_pretrained(model_dir)
     cls = family_of(config).auto_class()
     _import_model_classes(config)
-    model = cls.from_pretrained(model_dir, dtype=dtype).to(device)
+    if load_in_4bit:
+        model = cls.from_pretrained(model_dir, dtype=dtype, quantization_config=bnb_4bit(cls, config, dtype),
+                                    device_map={"": torch.device(device)})
+    else:
+        model = cls.from_pretrained(model_dir, dtype=dtype).to(device)
     enable_packed_attention(model)
     return model
+
+
+def model_family(model):
+    """The model's family, found once per model and kept on it: `packed_hidden_states` asks on every row."""
+    family = getattr(model, "_mpo_family", None)
+    if family is None or family.config is not model.config:
+        family = model._mpo_family = family_of(model.config)
+    return family
 
 
 def _import_model_classes(config) -> None:
@@ -96,7 +111,7 @@ def packed_hidden_states(model, batch: PackedBatch, *, backend: str = "auto") ->
     if backbone is None:
         raise ValueError(f"{type(model).__name__} has no `.model` backbone")
     length = batch.num_tokens
-    family = family_of(model.config)
+    family = model_family(model)
     if batch.pixel_values is None and family.vision:
         batch = _with_blank_image(family, batch)
     kwargs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,

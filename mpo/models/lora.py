@@ -7,10 +7,13 @@ only the adapters and `modules_to_save` trainable. Checkpoints then hold only th
 their optimizer state. At the end `merged` folds each adapter into its base weight
 (W + alpha / r * B A) under the base model's own names, so `final/` loads with plain
 `from_pretrained`, and `adapter_state` gives the adapter in peft's file layout for `final/adapter/`.
+`adapters_disabled` runs the model as its base alone: with nothing but adapters trained, that is
+the initial policy, so an online reference needs no second copy of the model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -50,6 +53,27 @@ def add_lora(model, r: int, alpha: float, dropout: float, target_modules: list[s
     for m in saved.values():
         m.requires_grad_(True)
     return config
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """Every LoRA layer of `model` computes its base layer alone inside the block. peft's toggle also
+    clears the adapters' requires_grad and sets it again on the way out; the flags are restored as
+    they were (a frozen adapter stays frozen), and the parameters stay the same tensors, so the
+    optimizer and DeepSpeed's gradient hooks are untouched."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    flags = {p: p.requires_grad for m in layers for p in m.parameters()}
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
 
 
 def _is(name: str, target: str) -> bool:

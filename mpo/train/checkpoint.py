@@ -14,7 +14,8 @@ removed. Frozen weights are not stored: they are those of the model folder the r
 final/ is a transformers save_pretrained folder (safetensors, parameters gathered from ZeRO-3)
 with the tokenizer and processor files of the original model folder; a LoRA run's adapters are
 merged into it and also saved alone in peft's layout under final/adapter/. (With LoRA the
-trainable weights, and so the checkpoints, are the adapters only.)
+trainable weights, and so the checkpoints, are the adapters only.) A QLoRA run's 4-bit base is
+dequantized first: final/ is the merged model in the training dtype.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ import torch
 from safetensors import SafetensorError
 
 from mpo.atomic import save_atomic
+from mpo.models.loading import lm_head
 from mpo.models.lora import merged, save_adapter
+from mpo.models.quantized import is_4bit
 from mpo.train.distributed import Dist, all_gather_objects, barrier
 from mpo.train.state import load_state, save_state
 
@@ -169,6 +172,8 @@ def export_final(engine, source_dir: Path, run_dir: Path, dist: Dist, *, zero_st
     import deepspeed
 
     model = engine.module.model
+    if is_4bit(model):  # QLoRA: merge into, and export, the dequantized base in the training dtype
+        model.dequantize(dtype=lm_head(model).weight.dtype)
     state = {}
     for name, param in model.named_parameters():
         with deepspeed.zero.GatheredParameters([param], enabled=zero_stage == 3):

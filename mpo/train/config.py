@@ -22,6 +22,8 @@ from mpo.data.packing import LAYOUTS, OVERLONG
 from mpo.losses import MPO_LOSS_TYPES, MPO_LOSS_WEIGHTS, RewardShift, check_loss_spec
 from mpo.models.packed_attention import BACKENDS
 
+REPORTERS = ("tensorboard", "wandb")  # logging.report_to
+
 
 def opt(default, help: str, *, choices=None, low=None, high=None):
     """A config field: default, one-line help, optional allowed choices and numeric bounds."""
@@ -41,6 +43,8 @@ class ModelConfig:
     freeze_projector: bool = opt(False, "freeze the vision-to-language projector")
     freeze_language: bool = opt(False, "freeze the language model (its embeddings and LM head included)")
     attention: str = opt("auto", "packed attention backend", choices=BACKENDS)
+    load_in_4bit: bool = opt(False, "QLoRA: the language model's linear layers in bitsandbytes NF4 (needs lora.r > 0, "
+                                    "CUDA, bitsandbytes and deepspeed.zero_stage=0); final/ is exported dequantized")
 
 
 @dataclass
@@ -141,7 +145,9 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     every_steps: int = opt(1, "log training metrics every N steps", low=1)
-    tensorboard: bool = opt(True, "also write TensorBoard events (when tensorboard is installed)")
+    report_to: list[str] = opt(["tensorboard"], "also report to: tensorboard (when installed), wandb (Weights & "
+                                                 "Biases, must be installed)", choices=REPORTERS)
+    wandb_project: str = opt("", "Weights & Biases project; empty = mpo")
     progress: bool = opt(True, "show a progress bar with ETA")
 
 
@@ -262,6 +268,16 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"loss.types / loss.weights: {e}") from None
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
         raise ValueError(f"optim.betas: two values in [0, 1) expected, got {cfg.optim.betas}")
+    if cfg.model.load_in_4bit:
+        if not cfg.lora.r:
+            raise ValueError("model.load_in_4bit (QLoRA) trains LoRA adapters over frozen 4-bit weights: "
+                             "set lora.r > 0")
+        if cfg.deepspeed.zero_stage != 0:
+            raise ValueError("model.load_in_4bit needs deepspeed.zero_stage=0: ZeRO-3 cannot partition bitsandbytes' "
+                             "packed 4-bit weights (each rank holds the whole 4-bit model; only the adapters train)")
+        if cfg.train.device == "cpu":
+            raise ValueError("model.load_in_4bit needs a CUDA device (bitsandbytes' 4-bit kernels); "
+                             "train.device is cpu")
     if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage == 0:
         raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
     for key, value in (("model.path", cfg.model.path), ("data.train", cfg.data.train)):

@@ -22,7 +22,7 @@ from mpo.train.config import Config, load_config
 
 COMMON = ["model.dtype=fp32", "train.device=cpu", "deepspeed.zero_stage=0", "train.global_batch_pairs=16",
           "train.max_tokens_per_row=2048", "optim.weight_decay=0.0", "optim.warmup_ratio=0.05",
-          "checkpoint.keep_last=1", "logging.tensorboard=false"]
+          "checkpoint.keep_last=1", "logging.report_to=[]"]
 WARMUP = ["loss.types=[sft]", "loss.weights=[1.0]", "optim.lr=0.003", "train.max_steps=150"]
 MPO = ["optim.lr=0.002", "train.max_steps=400", "train.eval_every=200"]
 

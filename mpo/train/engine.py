@@ -167,7 +167,8 @@ def build(cfg: Config, dist: Dist, total_steps: int, dtype: torch.dtype, ds_conf
 
     zero3 = cfg.deepspeed.zero_stage == 3
     keep_alive = HfDeepSpeedConfig(ds_config) if zero3 else None
-    model = load_model(cfg.model.path, dtype=dtype, device="cpu" if zero3 else dist.device)
+    model = load_model(cfg.model.path, dtype=dtype, device="cpu" if zero3 else dist.device,
+                       load_in_4bit=cfg.model.load_in_4bit)
     del keep_alive
     freeze(model, cfg)
     lora = None

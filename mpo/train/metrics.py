@@ -1,16 +1,23 @@
-"""Run metrics: metrics.jsonl, TensorBoard (when installed), a progress bar, throughput and MFU.
+"""Run metrics: metrics.jsonl, TensorBoard and Weights & Biases, a progress bar, throughput and MFU.
 
 Every logged row is one JSON object in <run>/metrics.jsonl with `step`, `split` ("train" or
 "eval") and the metric names (TRL's: loss, loss/<type>, rewards/chosen, rewards/rejected,
 rewards/accuracies, rewards/margins, logps/chosen, logps/rejected; plus reward_shift, lr, pairs,
-pairs/s, tokens/s/gpu, mfu, peak_memory_gb, skipped_steps). Only rank 0 writes.
+pairs/s, tokens/s/gpu, mfu, peak_memory_gb, skipped_steps). `logging.report_to` adds TensorBoard
+(when installed) and W&B, which get the same names under `<split>/` at the same step (train and
+eval rows share steps). Only rank 0 writes.
+
+The W&B run's id is kept in <run>/wandb_id, so a resumed run continues the same W&B run; W&B's
+own settings (WANDB_MODE=offline, WANDB_API_KEY, ...) come from the environment untouched.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import resource
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -54,25 +61,48 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def require_reporters(report_to: list[str]) -> None:
+    """Refuse at start a reporter that is asked for but cannot run (TensorBoard is optional)."""
+    if "wandb" in report_to and importlib.util.find_spec("wandb") is None:
+        raise ImportError("logging.report_to names wandb, which is not installed: pip install wandb "
+                          "(or drop it from logging.report_to)")
+
+
+def wandb_run(run_dir: Path, project: str, config: dict):
+    """A W&B run for this run folder: the id stored there, or a new one stored for a resume."""
+    import wandb
+
+    id_file = run_dir / "wandb_id"
+    if id_file.is_file():
+        run_id = id_file.read_text(encoding="utf-8").strip()
+    else:
+        run_id = secrets.token_hex(6)
+        write_text_atomic(id_file, run_id + "\n")
+    return wandb.init(project=project or "mpo", name=run_dir.name, dir=str(run_dir), config=config,
+                      resume="allow", id=run_id)
+
+
 class MetricsLog:
-    def __init__(self, run_dir: Path, *, main: bool, total_steps: int, start_step: int, tensorboard: bool,
-                 progress: bool):
+    def __init__(self, run_dir: Path, *, main: bool, total_steps: int, start_step: int, report_to: list[str],
+                 progress: bool, config: dict | None = None, wandb_project: str = ""):
         self.main, self.total = main, total_steps
         self.path = run_dir / "metrics.jsonl"
-        self.writer = self.bar = None
+        self.writer = self.bar = self.wandb = None
         if not main:
             return
         if start_step and self.path.is_file():  # resumed: rows logged after the checkpoint are redone
             kept = [line for line in self.path.read_text(encoding="utf-8").split("\n")
                     if line and json.loads(line)["step"] <= start_step]
             write_text_atomic(self.path, "".join(line + "\n" for line in kept))
-        if tensorboard:
+        if "tensorboard" in report_to:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(str(run_dir / "tensorboard"))
             except ImportError:
                 pass
+        if "wandb" in report_to:
+            self.wandb = wandb_run(run_dir, wandb_project, config or {})
         if progress:
             from tqdm import tqdm
 
@@ -91,6 +121,8 @@ class MetricsLog:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
                     self.writer.add_scalar(f"{split}/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log({f"{split}/{k}": v for k, v in metrics.items()}, step=step)
         if self.bar is not None and split == "train":
             wait = metrics.get("data_wait_s", 0.0) / max(metrics.get("step_s", 1.0), 1e-9)
             self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
@@ -106,3 +138,5 @@ class MetricsLog:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -11,6 +11,11 @@ millions); a changed image under an unchanged path goes unnoticed.
 Under ZeRO-3 the reference is a DeepSpeed inference engine with partitioned parameters (its LM-
 head weight gathered around the fused kernel); otherwise a replica on each rank. Building the
 cache deals rows to ranks and pads them with blank rows so every rank runs the same forwards.
+
+Online with LoRA, when only the adapters train and the reference is the policy's own base model,
+no second model is loaded: `BaseReference` runs the policy with its adapters disabled (the base
+weights never change, so that is the initial policy), forward-only on the same packed row and
+fused kernel path. Every rank runs it on every micro-batch, as it runs the policy's forward.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ import torch
 from mpo.data.dataset import PairDataset
 from mpo.data.index import tree_digest
 from mpo.models.loading import load_model, pair_logps
+from mpo.models.lora import adapters_disabled
 from mpo.pair_logps import run_pass, save_pair_logps
+from mpo.train.config import Config
 from mpo.train.distributed import Dist, all_gather_objects, barrier
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".jinja", ".txt", ".model", ".tiktoken")
@@ -39,7 +46,7 @@ class ReferenceModel:
     """A frozen model giving per-sequence log-prob sums of packed rows."""
 
     def __init__(self, path: str, *, dtype: torch.dtype, dist: Dist, zero_stage: int, attention: str,
-                 ds_config: dict, impl: str = "auto"):
+                 ds_config: dict, impl: str = "auto", load_in_4bit: bool = False):
         self.attention, self.zero3, self.impl = attention, zero_stage == 3, impl
         if self.zero3:
             import deepspeed
@@ -53,13 +60,42 @@ class ReferenceModel:
                 p.requires_grad_(False)
             self.model = deepspeed.initialize(model=model, config=config)[0].module
         else:
-            self.model = load_model(path, dtype=dtype, device=dist.device)
+            self.model = load_model(path, dtype=dtype, device=dist.device, load_in_4bit=load_in_4bit)
             self.model.requires_grad_(False)
         self.model.eval()
 
     @torch.no_grad()
     def sums(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         return pair_logps(self.model, batch, backend=self.attention, impl=self.impl, zero3=self.zero3)
+
+
+def base_is_reference(cfg: Config) -> bool:
+    """LoRA trains nothing but adapters and the reference is the policy's base model: the policy
+    with its adapters disabled is the reference. (Modules trained in full beside the adapters,
+    `lora.modules_to_save`, change the base, so they need a reference of their own.)"""
+    reference = cfg.loss.reference_model
+    same = not reference or Path(reference).resolve() == Path(cfg.model.path).resolve()
+    return cfg.lora.r > 0 and not cfg.lora.modules_to_save and same
+
+
+class BaseReference:
+    """The reference as the LoRA policy's own base: the policy model, adapters disabled, in eval mode
+    (as a loaded reference runs; a LoRA layer's dropout is then off as well), no gradients. Each
+    module's train / eval mode is put back afterwards."""
+
+    def __init__(self, model, *, zero_stage: int, attention: str, impl: str = "auto"):
+        self.model, self.zero3, self.attention, self.impl = model, zero_stage == 3, attention, impl
+
+    @torch.no_grad()
+    def sums(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        modes = {m: m.training for m in self.model.modules()}
+        self.model.eval()
+        try:
+            with adapters_disabled(self.model):
+                return pair_logps(self.model, batch, backend=self.attention, impl=self.impl, zero3=self.zero3)
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
 
 
 def build_cache(pairs: PairDataset, reference: ReferenceModel, key: dict, out: Path, dist: Dist, dtype,

@@ -36,14 +36,15 @@ from mpo.data.records import DataError, Rejects
 from mpo.data.render import ImageOptions
 from mpo.models.families import family_of
 from mpo.models.loading import lm_head
+from mpo.models.quantized import require_4bit
 from mpo.train import checkpoint
 from mpo.train.config import Config, dump
 from mpo.train.data import TrainPlan
 from mpo.train.distributed import Dist, all_gather_objects, barrier, init
 from mpo.train.engine import build, deepspeed_config, role_lrs, train_dtype
 from mpo.train.generation_eval import GenerationEval
-from mpo.train.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_gb
-from mpo.train.reference import ReferenceModel, build_cache, cache_key, load_cache
+from mpo.train.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_gb, require_reporters
+from mpo.train.reference import BaseReference, ReferenceModel, base_is_reference, build_cache, cache_key, load_cache
 
 # Accumulated per micro-batch as sums, then divided by the step's pair count (MEANS) or not (loss/sft).
 MEANS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -63,6 +64,10 @@ class Trainer:
         self.cfg, self.run_dir, self.resume = cfg, Path(output_dir), resume
         self.dist: Dist = init(cfg.train.device)
         seed_everything(cfg.train.seed + self.dist.rank)
+        if cfg.model.load_in_4bit:
+            require_4bit(self.dist.device)
+        if train:
+            require_reporters(cfg.logging.report_to)
         found = checkpoint.checkpoints(self.run_dir) if self.run_dir.exists() else []
         if train and found and not resume:
             raise ValueError(f"{self.run_dir} already holds checkpoints; pass --resume to continue that run "
@@ -93,13 +98,19 @@ class Trainer:
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.plan.steps_per_epoch
         self.dtype = train_dtype(cfg, self.dist)
         self.ds_config = deepspeed_config(cfg, self.dtype)
-        self.online, self.ref = None, {}
+        self.online, self.ref, self.base_reference = None, {}, False
         self._batches, self._loader_step = None, None  # the training rows' loader, and the step it is at
         self._prepare_reference()
         self.generation_eval = None
         if train:
+            # the random stream of training (adapter initialisation, dropout) starts here, the same
+            # whether a reference cache was just built (its loader draws seeds), loaded, or not used
+            seed_everything(cfg.train.seed + self.dist.rank)
             self.engine, self.scheduler = build(cfg, self.dist, self.total_steps, self.dtype, self.ds_config)
             self.policy = self.engine.module
+            if self.base_reference:
+                self.online = BaseReference(self.policy.model, zero_stage=cfg.deepspeed.zero_stage,
+                                            attention=cfg.model.attention, impl=cfg.loss.impl)
             self.flops_per_token = flops_per_token(self.policy.model, lm_head(self.policy.model).weight)
             if cfg.data.eval_prompts:
                 self.generation_eval = GenerationEval(
@@ -147,21 +158,25 @@ class Trainer:
     def _reference_model(self) -> ReferenceModel:
         return ReferenceModel(self.cfg.loss.reference_model or self.cfg.model.path, dtype=self.dtype,
                               dist=self.dist, zero_stage=self.cfg.deepspeed.zero_stage,
-                              attention=self.cfg.model.attention,
-                              ds_config=self.ds_config, impl=self.cfg.loss.impl)
+                              attention=self.cfg.model.attention, ds_config=self.ds_config,
+                              impl=self.cfg.loss.impl, load_in_4bit=self.cfg.model.load_in_4bit)
 
     def _prepare_reference(self) -> None:
         """Cache mode: build missing caches (reference model loaded only for that), load and check
-        them. Online mode: keep a frozen reference model for every micro-batch."""
+        them. Online mode: keep a frozen reference model for every micro-batch, or, with LoRA over
+        the reference's own base, use the policy with its adapters disabled (set up once it exists)."""
         splits = {"train": self.train_pairs, **({"eval": self.eval_pairs} if self.eval_pairs else {})}
         if set(self.cfg.loss.types) == {"sft"}:
             return  # no pair loss: the reference log-probs are never used (zeros stand in)
         if self.cfg.loss.reference == "online":
-            self.online = self._reference_model()
+            self.base_reference = base_is_reference(self.cfg)
+            if not self.base_reference:
+                self.online = self._reference_model()
             return
         # what the values depend on besides weights and data: rendering, packing, and the numerics
         rendering = {**self.rendering, "dtype": str(self.dtype).removeprefix("torch."),
-                     "attention": self.cfg.model.attention, "device": self.dist.device.type}
+                     "attention": self.cfg.model.attention, "device": self.dist.device.type,
+                     **({"weights": "nf4"} if self.cfg.model.load_in_4bit else {})}
         model_path = self.cfg.loss.reference_model or self.cfg.model.path
         reference = None
         for split, pairs in splits.items():
@@ -350,7 +365,8 @@ class Trainer:
         if dist.main:
             print(self.startup_summary(), file=sys.stderr, flush=True)
         log = MetricsLog(self.run_dir, main=dist.main, total_steps=self.total_steps, start_step=step,
-                         tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
+                         report_to=cfg.logging.report_to, progress=cfg.logging.progress, config=cfg.to_dict(),
+                         wandb_project=cfg.logging.wandb_project)
         summary = {"run_dir": str(self.run_dir), "steps": self.total_steps, "train_pairs": len(self.train_pairs.valid),
                    "rejected": self.train_pairs.rejected}
         if not self.resume:
