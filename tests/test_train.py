@@ -88,8 +88,8 @@ def mixed_data(tmp_path, demo_data):
 
 
 def eval_prompts(tmp_path, demo_data, n):
-    """n held-out questions with images (absolute paths), for data.eval_prompts."""
-    lines = (demo_data / "annotations" / "count_heldout.jsonl").read_text().splitlines()[:n]
+    """n questions with images (absolute paths), for data.eval_prompts."""
+    lines = (demo_data / "annotations" / "count_train.jsonl").read_text().splitlines()[:n]
     records = [{**r, "image": str(demo_data / r["image"])} for r in map(json.loads, lines)]
     path = tmp_path / "questions.jsonl"
     path.write_text("".join(json.dumps({k: r[k] for k in ("question", "answer", "image")}) + "\n" for r in records))
@@ -114,7 +114,7 @@ def test_two_ranks_match_one_rank_under_zero3(tmp_path, tiny_models, demo_data, 
     for run in ("one", "two"):
         evals = rows(tmp_path / run, "eval")
         assert [r["step"] for r in evals] == [0, 2, 4]
-        assert all(r["questions"] == 5 and 0 <= r["accuracy"] <= r["with_trigger"] <= 1 for r in evals)
+        assert all(r["questions"] == 5 and 0 <= r["accuracy"] <= r["with_trigger"] <= 1 for r in evals), evals
         for step in (0, 2, 4):
             assert [g["id"] for g in generations(tmp_path / run, step)] == ["1", "2", "3", "4", "5"]
     assert generations(tmp_path / "one", 0) == generations(tmp_path / "two", 0)
