@@ -3,8 +3,9 @@
 
     python examples/arithmetic_prompts.py OUT_DIR [--train 240] [--heldout 120] [--seed 0]
 
-Two-digit sums and differences, asked bare or as a one-line word problem. The two files share no
-question.
+Sums and differences of numbers from 2 to 30, asked bare or as a one-line word problem: easy enough
+for a 135M model to answer some of them, so that sampling finds correct responses to pair. The two
+files share no question.
 """
 
 import argparse
@@ -17,7 +18,7 @@ THINGS = ("apples", "marbles", "stickers", "books", "coins", "shells", "pencils"
 
 
 def question(rng: random.Random) -> tuple[str, int]:
-    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    a, b = rng.randint(2, 30), rng.randint(2, 30)
     kind = rng.randrange(4)
     if kind == 0:
         return f"What is {a} + {b}?", a + b
@@ -34,8 +35,8 @@ def question(rng: random.Random) -> tuple[str, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="folder for train.jsonl and heldout.jsonl")
-    parser.add_argument("--train", type=int, default=240)
-    parser.add_argument("--heldout", type=int, default=120)
+    parser.add_argument("--train", type=int, default=128)
+    parser.add_argument("--heldout", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng, seen, rows = random.Random(args.seed), set(), []

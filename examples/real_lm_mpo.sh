@@ -17,15 +17,16 @@ if [ ! -f "$WORK/smollm2/config.json" ]; then
 print(next(pathlib.Path(next(iter(spec.submodule_search_locations))).glob('*.gguf')))")
   mpo import-gguf "$GGUF" "$WORK/smollm2"
 fi
-python examples/arithmetic_prompts.py "$WORK/prompts" --train 160 --heldout 100 --seed "$SEED"
+python examples/arithmetic_prompts.py "$WORK/prompts" --train 128 --heldout 100 --seed "$SEED"
 
-EVAL=(--prompts "$WORK/prompts/heldout.jsonl" --max-new-tokens 128 --batch-size 50)
+EVAL=(--prompts "$WORK/prompts/heldout.jsonl" --max-new-tokens 96 --batch-size 50)
 mpo eval --model "$WORK/smollm2" "${EVAL[@]}" --out "$WORK/eval/base"
 
-# 4 samples per training question; correct responses paired with wrong ones and with responses
-# that never state a final answer (format negatives); a response cut off at 128 tokens is never chosen
+# 4 samples per training question at temperature 0.7; correct responses paired with wrong ones and
+# with responses that never state a final answer (format negatives); one cut off at 96 tokens is
+# never chosen
 mpo pairs correctness --model "$WORK/smollm2" --prompts "$WORK/prompts/train.jsonl" --out "$WORK/pairs" \
-  --samples 4 --max-pairs 4 --format-negatives --max-new-tokens 128 --batch-size 64 --seed "$SEED"
+  --samples 4 --max-pairs 4 --temperature 0.7 --format-negatives --max-new-tokens 96 --batch-size 64 --seed "$SEED"
 
 for recipe in mpo dpo sft; do
   case $recipe in

@@ -196,14 +196,15 @@ def _train(args: argparse.Namespace) -> int:
     _quiet_transformers()
     if args.config is not None and "=" in args.config and not Path(args.config).exists():
         args.overrides, args.config = [args.config, *args.overrides], None  # overrides of the demo
-    if args.config is None:
+    demo = args.config is None
+    if demo:
         summary, main = run_demo(args.overrides, args.output_dir, resume=args.resume, arch=args.demo_arch)
     else:
         cfg = _train_config(args)
         trainer = Trainer(cfg, cfg.train.output_dir, resume=args.resume)
         summary, main = trainer.run(), trainer.dist.main
     if main:
-        print(summary_table(summary))
+        print(summary_table(summary, demo=demo))
     return 0
 
 

@@ -69,19 +69,19 @@ def run_demo(overrides: list[str] = (), run_dir: str | None = None, resume: bool
     return trainer.run(), trainer.dist.main
 
 
-def summary_table(summary: dict) -> str:
+def summary_table(summary: dict, *, demo: bool = False) -> str:
     before, after = summary.get("eval_before", {}), summary.get("eval_after", {})
     rows = [("held-out reward accuracy", "rewards/accuracies", "{:.2f}"),
             ("held-out reward margin", "rewards/margins", "{:.3f}"),
             ("held-out loss", "loss", "{:.4f}"),
             ("held-out answer accuracy", "accuracy", "{:.3f}")]
-    lines = [f"{'':28}{'before':>10}{'after':>10}"]
+    lines = [f"{'':28}{'before':>10}{'after':>10}"] if before or after else []
     for label, key, fmt in rows:
         if key not in before and key not in after:
             continue
         cells = [fmt.format(d[key]) if key in d else "-" for d in (before, after)]
         lines.append(f"{label:28}{cells[0]:>10}{cells[1]:>10}")
-    lines.append(f"run directory: {summary['run_dir']} (SFT warm-up in warmup/)"
+    lines.append(f"run directory: {summary['run_dir']}" + (" (SFT warm-up in warmup/)" if demo else "")
                  + (f"   final model: {summary['final']}" if "final" in summary else ""))
     if summary.get("skipped_steps"):
         lines.append(f"skipped steps (non-finite): {summary['skipped_steps']}")

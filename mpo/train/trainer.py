@@ -351,7 +351,7 @@ class Trainer:
         return (f"mpo train: {cfg.model.path} ({family.name}, {str(self.dtype).removeprefix('torch.')}, "
                 f"ZeRO-{cfg.deepspeed.zero_stage}, {self.dist.world} rank{'s' * (self.dist.world > 1)}); "
                 f"{len(self.train_pairs.valid)} pairs, {self.total_steps} steps of {cfg.train.global_batch_pairs}; "
-                f"peak lr {rates}; {trainable / 1e6:.1f}M of {total / 1e6:.1f}M parameters trained")
+                f"peak lr {rates}; {trainable / 1e6:.3g}M of {total / 1e6:.3g}M parameters trained")
 
     def run(self) -> dict:
         cfg, dist = self.cfg, self.dist
