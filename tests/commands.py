@@ -3,9 +3,11 @@ JSONL in and out."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 
 def env():
@@ -38,3 +40,15 @@ def run(*args, ranks=1, timeout=900):
     proc = subprocess.run(mpo_cmd(*args, ranks=ranks), capture_output=True, text=True, env=env(), timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
+
+
+def killed_after(args, results, n):
+    """Start `mpo ARGS`, SIGKILL it once `results` (a rank's result file) holds n lines; -> its lines then."""
+    proc = subprocess.Popen(mpo_cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env())
+    deadline = time.time() + 300
+    while not (results.is_file() and results.read_bytes().count(b"\n") >= n):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be interrupted"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return lines(results)

@@ -1,13 +1,10 @@
 """`mpo eval`: exact scores on scripted responses, images on the tiny InternVL, resumption after a kill."""
 
 import json
-import signal
-import subprocess
-import time
 
 import pytest
 import torch
-from commands import env, lines, mpo_cmd, run, write_jsonl
+from commands import killed_after, lines, run, write_jsonl
 
 from mpo.pairs.evaluate import eval_process, write_report
 from mpo.pairs.generate import Completion
@@ -110,17 +107,9 @@ def test_resumes_after_a_kill_and_refuses_other_settings(tmp_path, tiny_models, 
             "--batch-size", "1", "--samples", "2", "--temperature", "0.7"]
     run(*args, "--out", tmp_path / "clean")
     out = tmp_path / "out"
-    proc = subprocess.Popen(mpo_cmd(*args, "--out", out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=env())
     results = out / "work" / "results.rank0.jsonl"
-    deadline = time.time() + 300
-    while not (results.is_file() and results.read_bytes().count(b"\n") >= 2):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be interrupted"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    done_before = killed_after([*args, "--out", out], results, 2)
     assert not (out / "eval.json").exists()
-    done_before = lines(results)
     assert 2 <= len(done_before) < 10
     with results.open("a") as f:
         f.write('{"id": "9", "que')  # as if killed mid-line

@@ -7,15 +7,12 @@ for correctness pairs on arithmetic prompts that then train with `mpo train`.
 
 import importlib.util
 import json
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from commands import env, lines, mpo_cmd, run, write_jsonl
+from commands import killed_after, lines, run, write_jsonl
 
 from mpo.data.records import DataError
 from mpo.pairs import extract_answer, is_correct
@@ -302,16 +299,9 @@ def test_dropout_ntp_with_images_resumes_after_a_kill(tmp_path, tiny_models, dem
     model, out = tiny_models["internvl"], tmp_path / "out"
     args = ["pairs", "dropout-ntp", "--model", model, "--data", count_prompts, "--image-root", demo_data,
             "--out", out, "--max-new-tokens", "12", "--batch-size", "2"]
-    proc = subprocess.Popen(mpo_cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env())
     results = out / "work" / "results.rank0.jsonl"
-    deadline = time.time() + 300
-    while not (results.is_file() and results.read_bytes().count(b"\n") >= 2):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be interrupted"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    done_before = killed_after(args, results, 2)
     assert not (out / "meta.json").exists()
-    done_before = lines(results)
     assert 2 <= len(done_before) < 8
     with results.open("a") as f:
         f.write('{"id": "7", "cou')  # as if killed mid-line
