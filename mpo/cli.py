@@ -235,29 +235,39 @@ SAMPLING_SETTINGS = ("samples", "max_pairs", "instruction", "format_negatives", 
                      "image_root")
 
 
-def _pairs(args: argparse.Namespace) -> int:
-    from mpo.pairs.correctness import INSTRUCTION, correctness_process
-    from mpo.pairs.dropout_ntp import dropout_process
+def _sampling(args: argparse.Namespace, source: Path, *, need: str, allow_outside_root: bool,
+              images_need_vision: bool):
+    """What `mpo pairs` and `mpo eval` start with: checked counts, the prompts (every line checked
+    before the model loads), the ranks and the sampler -> (records, ranks, sampler)."""
     from mpo.pairs.generate import Sampler
     from mpo.pairs.prompts import read_prompts
-    from mpo.pairs.run import Ranks, build
+    from mpo.pairs.run import Ranks
 
     _quiet_transformers()
-    correctness = args.pairs_command == "correctness"
     for flag in ("samples", "max_pairs", "batch_size", "max_new_tokens"):
         if getattr(args, flag, 1) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if not correctness and not 0 < args.ratio < 1:
-        raise ValueError(f"--ratio must be between 0 and 1, got {args.ratio}")
-    source = Path(args.prompts if correctness else args.data)
-    records = read_prompts(source, need="answer" if correctness else "chosen", image_root=args.image_root,
-                           allow_outside_root=args.allow_outside_root)
+    records = read_prompts(source, need=need, image_root=args.image_root, allow_outside_root=allow_outside_root)
     ranks = Ranks.init(args.device)
     sampler = Sampler.load(args.model, device=ranks.device, max_new_tokens=args.max_new_tokens,
                            batch_size=args.batch_size, images=_image_options(args))
     with_images = next((r for r in records if r.images), None)
-    if correctness and with_images is not None and not sampler.renderer.vision:
+    if images_need_vision and with_images is not None and not sampler.renderer.vision:
         raise ValueError(f"{with_images.source}: the prompt has images but {args.model} is a text-only model")
+    return records, ranks, sampler
+
+
+def _pairs(args: argparse.Namespace) -> int:
+    from mpo.pairs.correctness import INSTRUCTION, correctness_process
+    from mpo.pairs.dropout_ntp import dropout_process
+    from mpo.pairs.run import build
+
+    correctness = args.pairs_command == "correctness"
+    if not correctness and not 0 < args.ratio < 1:
+        raise ValueError(f"--ratio must be between 0 and 1, got {args.ratio}")
+    source = Path(args.prompts if correctness else args.data)
+    records, ranks, sampler = _sampling(args, source, need="answer" if correctness else "chosen",
+                                        allow_outside_root=args.allow_outside_root, images_need_vision=correctness)
     settings = {k: v for k, v in vars(args).items() if k in SAMPLING_SETTINGS}
     settings.update(builder=args.pairs_command, model=str(Path(args.model).resolve()), input=str(source.resolve()))
     if correctness:
@@ -282,29 +292,17 @@ def _pairs(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from mpo.pairs.correctness import INSTRUCTION
     from mpo.pairs.evaluate import eval_process, write_report
-    from mpo.pairs.generate import Sampler
-    from mpo.pairs.prompts import read_prompts
-    from mpo.pairs.run import Ranks, merged, run_prompts
+    from mpo.pairs.run import merged, run_prompts
 
-    _quiet_transformers()
-    for flag in ("samples", "batch_size", "max_new_tokens"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     temperature = args.temperature if args.temperature is not None else 0.0 if args.samples == 1 else 1.0
     if temperature == 0 and args.samples > 1:
         raise ValueError(f"--samples {args.samples} with greedy decoding (--temperature 0) would repeat one response")
-    records = read_prompts(args.prompts, need="answer", image_root=args.image_root, allow_outside_root=True)
-    ranks = Ranks.init(args.device)
-    sampler = Sampler.load(args.model, device=ranks.device, max_new_tokens=args.max_new_tokens,
-                           batch_size=args.batch_size, images=_image_options(args))
-    with_images = next((r for r in records if r.images), None)
-    if with_images is not None and not sampler.renderer.vision:
-        raise ValueError(f"{with_images.source}: the prompt has images but {args.model} is a text-only model")
+    records, ranks, sampler = _sampling(args, Path(args.prompts), need="answer", allow_outside_root=True,
+                                        images_need_vision=True)
     instruction = INSTRUCTION if args.instruction is None else args.instruction
-    settings = {"builder": "eval", "model": str(Path(args.model).resolve()),
-                "prompts": str(Path(args.prompts).resolve()), "samples": args.samples, "temperature": temperature,
-                "instruction": instruction, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
-                **{k: getattr(args, k) for k in ("max_patches", "min_pixels", "max_pixels", "max_image_pixels")}}
+    settings = {k: v for k, v in vars(args).items() if k in SAMPLING_SETTINGS}
+    settings.update(builder="eval", model=str(Path(args.model).resolve()),
+                    input=str(Path(args.prompts).resolve()), temperature=temperature, instruction=instruction)
     process = eval_process(sampler, samples=args.samples, instruction=instruction, temperature=temperature,
                            seed=args.seed)
     run_prompts(records, args.out, ranks=ranks, process=process, chunk=max(1, args.batch_size // args.samples),

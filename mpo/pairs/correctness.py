@@ -31,6 +31,12 @@ def question_with_instruction(question: str, instruction: str) -> str:
     return f"{question}\n{instruction}" if instruction else question
 
 
+def asked(records: list[PromptRecord], samples: int, instruction: str) -> list[Request]:
+    """`samples` requests per record (keyed "<id>#<sample>"), its question with the instruction."""
+    return [Request(f"{r.id}#{s}", ({"role": "user", "content": question_with_instruction(r.question, instruction)},),
+                    r.images) for r in records for s in range(samples)]
+
+
 def contains_answer(text: str, answer: str) -> bool:
     """Does `text` hold the ground truth as a token of its own? Never for option letters and yes/no,
     which appear in almost any text ("a", "no") without meaning the answer."""
@@ -85,9 +91,7 @@ def correctness_process(sampler: Sampler, *, samples: int, max_pairs: int, instr
     """The per-chunk step of `mpo pairs correctness` (see `mpo.pairs.run.build`)."""
     def process(chunk: list[PromptRecord]) -> list[dict]:
         questions = {r.id: question_with_instruction(r.question, instruction) for r in chunk}
-        requests = [Request(f"{r.id}#{s}", ({"role": "user", "content": questions[r.id]},), r.images)
-                    for r in chunk for s in range(samples)]
-        texts = sampler.generate(requests, temperature=temperature, seed=seed)
+        texts = sampler.generate(asked(chunk, samples, instruction), temperature=temperature, seed=seed)
         results = []
         for k, r in enumerate(chunk):
             mine = texts[k * samples:(k + 1) * samples]

@@ -22,8 +22,8 @@ from pathlib import Path
 from mpo.atomic import write_text_atomic
 from mpo.data.records import BadPair
 from mpo.pairs.answers import extract_answer
-from mpo.pairs.correctness import question_with_instruction, verdict
-from mpo.pairs.generate import Request, Sampler
+from mpo.pairs.correctness import asked, question_with_instruction, verdict
+from mpo.pairs.generate import Sampler
 from mpo.pairs.output import read_results
 from mpo.pairs.prompts import PromptRecord
 
@@ -31,11 +31,9 @@ from mpo.pairs.prompts import PromptRecord
 def eval_process(sampler: Sampler, *, samples: int, instruction: str, temperature: float, seed: int):
     """The per-chunk step of `mpo eval` (see `mpo.pairs.run.run_prompts`)."""
     def process(chunk: list[PromptRecord]) -> list[dict]:
-        questions = {r.id: question_with_instruction(r.question, instruction) for r in chunk}
-        requests = [Request(f"{r.id}#{s}", ({"role": "user", "content": questions[r.id]},), r.images)
-                    for r in chunk for s in range(samples)]
-        done = sampler.generate(requests, temperature=temperature, seed=seed)
-        return [judge(r, questions[r.id], done[k * samples:(k + 1) * samples]) for k, r in enumerate(chunk)]
+        done = sampler.generate(asked(chunk, samples, instruction), temperature=temperature, seed=seed)
+        return [judge(r, question_with_instruction(r.question, instruction), done[k * samples:(k + 1) * samples])
+                for k, r in enumerate(chunk)]
     return process
 
 

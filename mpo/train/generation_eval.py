@@ -25,8 +25,8 @@ from mpo.data.records import BadPair, DataError
 from mpo.data.render import ImageOptions, Renderer
 from mpo.models.families import family_of
 from mpo.models.loading import enable_packed_attention
-from mpo.pairs.correctness import INSTRUCTION, question_with_instruction, verdict
-from mpo.pairs.generate import Request, Sampler
+from mpo.pairs.correctness import INSTRUCTION, asked, verdict
+from mpo.pairs.generate import Sampler
 from mpo.pairs.prompts import read_prompts
 from mpo.train.distributed import Dist, all_gather_objects, all_sum
 
@@ -37,10 +37,10 @@ class GenerationEval:
         self.dist, self.max_new_tokens, self.batch_size, self.synced = dist, max_new_tokens, batch_size, synced
         self.records = read_prompts(path, need="answer", image_root=image_root, allow_outside_root=True)
         self.renderer = Renderer(model_dir, images)
-        self.questions = [question_with_instruction(r.question, INSTRUCTION) for r in self.records]
-        for r, q in zip(self.records[dist.rank::dist.world], self.questions[dist.rank::dist.world]):
+        mine = self.records[dist.rank::dist.world]
+        for r, request in zip(mine, asked(mine, 1, INSTRUCTION)):
             try:
-                self.renderer.prompt(({"role": "user", "content": q},), r.images)
+                self.renderer.prompt(request.messages, request.images)
             except BadPair as bad:
                 raise DataError(f"{r.source}: data.eval_prompts: {bad}") from None
 
@@ -50,8 +50,7 @@ class GenerationEval:
         mine = list(range(rank, len(self.records), world))
         share = -(-len(self.records) // world)
         padded = mine + [mine[0] if mine else 0] * (share - len(mine))
-        requests = [Request(f"{self.records[k].id}#0", ({"role": "user", "content": self.questions[k]},),
-                            self.records[k].images) for k in padded]
+        requests = asked([self.records[k] for k in padded], 1, INSTRUCTION)
         sampler = Sampler(model, self.renderer, device=self.dist.device, dtype=dtype,
                           max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, synced=self.synced)
         was_training = model.training
