@@ -197,6 +197,10 @@ def _train(args: argparse.Namespace) -> int:
     if args.config is not None and "=" in args.config and not Path(args.config).exists():
         args.overrides, args.config = [args.config, *args.overrides], None  # overrides of the demo
     demo = args.config is None
+    if args.dry_run:
+        return _dry_run(args)
+    if args.ranks is not None or args.gpu_memory is not None or args.json:
+        raise ValueError("--ranks, --gpu-memory and --json go with --dry-run")
     if demo:
         summary, main = run_demo(args.overrides, args.output_dir, resume=args.resume, arch=args.demo_arch)
     else:
@@ -205,6 +209,17 @@ def _train(args: argparse.Namespace) -> int:
         summary, main = trainer.run(), trainer.dist.main
     if main:
         print(summary_table(summary, demo=demo))
+    return 0
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    from mpo.train.dry_run import dry_run, table
+
+    if args.config is None:
+        raise ValueError("--dry-run plans the run of a CONFIG: name one")
+    report = dry_run(_train_config(args), ranks=1 if args.ranks is None else args.ranks,
+                     gpu_memory_gb=80.0 if args.gpu_memory is None else args.gpu_memory)
+    print(json.dumps(report, indent=2) if args.json else table(report))
     return 0
 
 
@@ -402,6 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     p.add_argument("--demo-arch", choices=[a for a in ARCHS if a not in ("qwen2", "llama")], default="internvl",
                    help="the built-in demo's tiny model family")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (pairs, steps, rows, longest row) and a per-rank GPU memory forecast; "
+                        "reads no weights, trains nothing")
+    p.add_argument("--ranks", type=int, help="--dry-run: ranks (GPUs) the run will have (default 1)")
+    p.add_argument("--gpu-memory", type=float, metavar="GB",
+                   help="--dry-run: memory per GPU in GiB (default 80)")
+    p.add_argument("--json", action="store_true", help="--dry-run: print one JSON object")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     p.set_defaults(handler=_train)
 

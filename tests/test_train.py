@@ -6,6 +6,7 @@ would only slow them down; the kernels are tested elsewhere) and DeepSpeed.
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -129,7 +130,17 @@ def test_two_ranks_match_one_rank_under_zero3(tmp_path, tiny_models, demo_data, 
     assert evals[0][-1]["loss"] == pytest.approx(evals[1][-1]["loss"], rel=1e-3)
 
 
-@pytest.mark.parametrize("stage,ranks", [(3, 2), (0, 1)])
+def opened_by_thread(trace) -> dict[str, set[str]]:
+    """strace -f output -> {thread id: names of the checkpoint files it opened}."""
+    found: dict[str, set[str]] = {}
+    for line in trace.read_text().splitlines():
+        match = re.match(r'(\d+) +openat\(.*?"([^"]*/checkpoint-\d+/[^"]+)"', line)
+        if match and "= -1" not in line:
+            found.setdefault(match[1], set()).add(match[2].rsplit("/", 1)[1])
+    return found
+
+
+@pytest.mark.parametrize("stage,ranks", [(3, 4), (0, 1)])
 def test_killed_and_resumed_run_ends_bit_identical(tmp_path, tiny_models, demo_data, stage, ranks):
     config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, train={"max_steps": 6},
                           deepspeed={"zero_stage": stage}, checkpoint={"every_steps": 2, "keep_last": 3},
@@ -151,7 +162,22 @@ def test_killed_and_resumed_run_ends_bit_identical(tmp_path, tiny_models, demo_d
             f"optimizer.rank{r}.{ext}" for r in range(ranks) for ext in ("json", "safetensors")}
     proc = mpo("train", config, "--output-dir", run, "--resume", "train.seed=5", check=False)
     assert proc.returncode == 1 and "the config differs from the one" in proc.stderr and "train.seed" in proc.stderr
-    mpo("train", config, "--output-dir", run, "--resume", ranks=ranks)
+    if ranks == 1:
+        mpo("train", config, "--output-dir", run, "--resume")
+    else:  # every process reads its own optimizer state alone (the files each one opens, traced)
+        trace = tmp_path / "opened.txt"
+        proc = subprocess.run(["strace", "-f", "-qq", "-e", "trace=openat", "-o", str(trace), *launcher(ranks),
+                               "train", str(config), "--output-dir", str(run), "--resume"],
+                              capture_output=True, text=True, env=env(), timeout=900)
+        assert proc.returncode == 0, proc.stderr[-6000:]
+        readers = {}  # optimizer file -> the ranks (by their RNG file) of the threads that opened it
+        for names in opened_by_thread(trace).values():
+            rng = {n.split(".")[1] for n in names if n.startswith("rng.rank")}
+            for n in names:
+                if n.startswith("optimizer.rank"):
+                    readers.setdefault(n, set()).update(rng or {"no rank"})
+        assert readers == {f"optimizer.rank{r}.{ext}": {f"rank{r}"} for r in range(ranks)
+                           for ext in ("json", "safetensors")}, readers
     assert [r["step"] for r in rows(run)] == list(range(1, 7))  # rows logged after the checkpoint: not twice
     whole, resumed = load_file(str(tmp_path / "whole" / "final" / "model.safetensors")), \
         load_file(str(run / "final" / "model.safetensors"))

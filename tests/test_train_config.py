@@ -192,3 +192,41 @@ def test_wandb_listed_but_not_installed_is_refused_at_start(tmp_path, monkeypatc
     with pytest.raises(ImportError, match="pip install wandb"):
         trainer.Trainer(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("on, report_to", [(True, ["tensorboard"]), (False, [])])
+def test_a_renamed_key_reads_as_its_new_form_with_a_notice(tmp_path, capsys, on, report_to):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"model": {"path": "m"}, "data": {"train": "d"}, "logging": {"tensorboard": on}}))
+    assert load_config(path).logging.report_to == report_to
+    notices = capsys.readouterr().err.splitlines()
+    assert notices == [f"mpo: {path}: config key logging.tensorboard is now logging.report_to; read "
+                       f"logging.tensorboard: {str(on).lower()} as logging.report_to: [{', '.join(report_to)}]"]
+    assert load_config(None, REQUIRED + [f"logging.tensorboard={str(on).lower()}"]).logging.report_to == report_to
+    assert "override: config key logging.tensorboard is now logging.report_to" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"override: logging.tensorboard: expected bool, got 'sometimes'"):
+        load_config(None, REQUIRED + ["logging.tensorboard=sometimes"])
+    path.write_text(f"model: {{path: m}}\ndata: {{train: d}}\nlogging: {{tensorboard: {str(on).lower()}, "
+                    "report_to: [wandb]}\n")
+    with pytest.raises(ValueError, match="logging.tensorboard and logging.report_to name one key; keep "
+                                         "logging.report_to"):
+        load_config(path)
+
+
+def test_a_run_an_older_version_started_resumes_unless_a_key_added_since_changes(tmp_path):
+    """The older version wrote logging.tensorboard and knew no loss.sft_normalization: its run ran
+    as that key's default does, so only a different value is a change of plan."""
+    from mpo.train.trainer import _check_resumable
+
+    old = load_config(None, REQUIRED).to_dict()
+    del old["loss"]["sft_normalization"], old["logging"]["report_to"]
+    old["logging"]["tensorboard"] = True
+    ckpt = tmp_path / "run" / "checkpoint-3"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer.json").write_text(json.dumps({"step": 3, "config": old}))
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(old))
+    _check_resumable(load_config(tmp_path / "run" / "config.yaml"), ckpt)
+    _check_resumable(load_config(None, REQUIRED + ["logging.report_to=[]"]), ckpt)  # logging may change
+    with pytest.raises(ValueError, match=r"differs from the one .*checkpoint-3 was trained with in "
+                                         r"loss.sft_normalization;"):
+        _check_resumable(load_config(tmp_path / "run" / "config.yaml", ["loss.sft_normalization=token"]), ckpt)

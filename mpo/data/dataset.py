@@ -20,12 +20,16 @@ import torch
 
 from mpo.data.formats import DataSource
 from mpo.data.index import (
+    IndexPart,
     PairIndex,
     build_index,
     fingerprint,
     image_options,
     index_key,
     index_path,
+    measure,
+    merge,
+    part_path,
     rendering_options,
 )
 from mpo.data.packing import IGNORE, PackedBatch, PackingOptions, as_position_ids, fit_to_budget, pack_row
@@ -56,20 +60,49 @@ class PairDataset(torch.utils.data.Dataset):
 
     @classmethod
     def open(cls, model_dir, data: str | Path | DataSource, opts: PackingOptions, rejects: Rejects, *,
-             images: ImageOptions | None = None, index_dir=None,
-             workers: int = 0) -> PairDataset:
+             images: ImageOptions | None = None, index_dir=None, workers: int = 0, group=None) -> PairDataset:
         """The pairs of `data` (a path, or a DataSource with its reading options) for this model and
         rendering: the matching index in `index_dir`, or one built now (in `workers` processes) and
-        saved there when `index_dir` is given."""
+        saved there when `index_dir` is given.
+
+        `group`: the ranks of a run building it together (`mpo.train.distributed.Phase`: `rank`,
+        `world`, `share(value)` = rank 0's value everywhere, `sync()`). Each measures its share of
+        the pairs and writes it beside the index; rank 0 merges the parts, lists the rejects and
+        writes the index (the same bytes as one builder's), and every rank then loads it, so the
+        index folder must be one every node shares."""
         rendering = rendering_options(opts, images or ImageOptions())
         source = data if isinstance(data, DataSource) else DataSource(data)
-        key = index_key(model_dir, data, rendering)
-        path = index_path(index_dir, key) if index_dir else None
-        index = PairIndex.load(path, key) if path else None
+        if group is None or group.world == 1:
+            key = index_key(model_dir, data, rendering)
+            path = index_path(index_dir, key) if index_dir else None
+            index = PairIndex.load(path, key) if path else None
+            if index is None:
+                index = build_index(source, model_dir, rendering, rejects, key, workers=workers)
+                if path:
+                    index.save(path)
+            return cls(source, index, model_dir, opts)
+        if index_dir is None:
+            raise ValueError("building a pair index on several ranks needs an index folder they share")
+        main = group.rank == 0
+        key = group.share(index_key(model_dir, data, rendering) if main else None)  # rank 0 reads the files
+        path = index_path(index_dir, key)
+        if not group.share(main and PairIndex.load(path, key) is not None):
+            part = measure(source, model_dir, rendering, shard=(group.rank, group.world), strict=rejects.strict,
+                           workers=workers)
+            if not main:
+                part.save(part_path(path, group.rank, group.world))
+            group.sync()
+            if main:
+                parts = [part_path(path, r, group.world) for r in range(1, group.world)]
+                merge([part, *map(IndexPart.load, parts)], part.locations, key, rejects).save(path)
+                for p in path.parent.glob(part_path(path, "*", "*").name):  # a failed build's too
+                    p.unlink()
+            group.sync()
+        index = PairIndex.load(path, key)
         if index is None:
-            index = build_index(source, model_dir, rendering, rejects, key, workers=workers)
-            if path:
-                index.save(path)
+            raise FileNotFoundError(f"{path}: rank 0 wrote this pair index but rank {group.rank} cannot read it; "
+                                    "the index folder (the run folder or data.index_dir) must be on a file system "
+                                    "every node shares")
         return cls(source, index, model_dir, opts)
 
     @property

@@ -37,7 +37,7 @@ import torch
 from mpo.atomic import save_atomic
 from mpo.data.formats import DataSource, Location, _resolve
 from mpo.data.packing import fit_to_budget
-from mpo.data.records import BadPair, Rejects
+from mpo.data.records import BadPair, DataError, Rejects
 from mpo.data.render import ImageOptions, RenderedPair, Renderer
 
 FIELDS = {"source": "i", "offset": "q", "line": "i", "prompt": "i", "chosen": "i", "rejected": "i",
@@ -144,9 +144,11 @@ class PairIndex:
         return Location(int(a["source"][i]), int(a["offset"][i]), int(a["line"][i]))
 
     def save(self, path: Path) -> None:
+        # one metadata entry: safetensors writes several in no fixed order, and the same index
+        # should be the same bytes
+        about = {"key": self.key, "rejected": self.rejected, "truncated": self.truncated}
         save_atomic({k: torch.from_numpy(v) for k, v in self.arrays.items()}, path,
-                    {"key": json.dumps(self.key, sort_keys=True), "rejected": json.dumps(self.rejected),
-                     "truncated": str(self.truncated)})
+                    {"index": json.dumps(about, sort_keys=True)})
 
     @classmethod
     def load(cls, path: Path, key: dict) -> PairIndex | None:
@@ -156,11 +158,12 @@ class PairIndex:
         if not path.is_file():
             return None
         with safe_open(str(path), "np") as f:
-            meta = f.metadata() or {}
-            if meta.get("key") != json.dumps(key, sort_keys=True) or set(f.keys()) != set(FIELDS):
+            about = json.loads((f.metadata() or {}).get("index", "{}"))
+            if json.dumps(about.get("key"), sort_keys=True) != json.dumps(key, sort_keys=True) or \
+                    set(f.keys()) != set(FIELDS):
                 return None
             arrays = {k: f.get_tensor(k) for k in FIELDS}
-        return cls(arrays, key, json.loads(meta["rejected"]), int(meta["truncated"]))
+        return cls(arrays, key, about["rejected"], about["truncated"])
 
 
 # --- building it --------------------------------------------------------------------------------------------
@@ -189,30 +192,80 @@ def _measure(chunk: list[tuple[int, object]]) -> list[tuple]:
     return out
 
 
-def build_index(source: DataSource, model_dir: str | Path, rendering: dict, rejects: Rejects, key: dict, *,
-                workers: int = 0, progress=None) -> PairIndex:
-    """Read and measure every pair of `source` (in `workers` processes; 0: in this one)."""
+@dataclass
+class IndexPart:
+    """What one of `world` builders measured. Every builder reads the whole record stream (so all
+    number the pairs alike) and renders only its chunks of CHUNK pairs (chunk c: builder c % world):
+    the renders, image headers and tokenizer work, which are the cost, are shared; reading records
+    is not. `locations` and the records rejected while reading (`rejected` entries with kind 0)
+    are the whole stream's; the measured rows and the rendering rejects (kind 1) its chunks'."""
+
+    numbers: np.ndarray  # int64: the pairs measured here
+    measured: dict[str, np.ndarray]  # MEASURED fields and "truncated", aligned with numbers
+    rejected: list  # [pair number, kind, source, reason, detail, record]: data order sorts them
+    locations: dict[str, np.ndarray]  # source, offset, line of every pair
+
+    def save(self, path: Path) -> None:
+        """The part for the builder that merges (locations are its own: not written)."""
+        mine = [r for r in self.rejected if r[1] == 1]
+        save_atomic({"numbers": torch.from_numpy(self.numbers),
+                     **{k: torch.from_numpy(v) for k, v in self.measured.items()}}, path,
+                    {"rejected": json.dumps(mine)})
+
+    @classmethod
+    def load(cls, path: Path) -> IndexPart:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "np") as f:
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+            rejected = json.loads((f.metadata() or {})["rejected"])
+        return cls(arrays.pop("numbers"), arrays, rejected, {})
+
+
+def part_path(index_file: Path, rank: int, world: int) -> Path:
+    return index_file.with_name(f"{index_file.stem}.part-{rank}-of-{world}.safetensors")
+
+
+class _Reading:
+    """Rejects of the reading pass, kept with their place in data order (the pairs read before)."""
+
+    def __init__(self, strict: bool, columns: dict):
+        self.strict, self.columns, self.found = strict, columns, []
+
+    def add(self, source: str, bad: BadPair, raw: str | None = None) -> None:
+        if self.strict:
+            raise DataError(f"{source}: {bad}")
+        self.found.append([len(self.columns["line"]), 0, source, bad.reason, bad.detail, raw])
+
+
+def measure(source: DataSource, model_dir: str | Path, rendering: dict, *, shard: tuple[int, int] = (0, 1),
+            strict: bool = False, workers: int = 0, progress=None) -> IndexPart:
+    """Builder `rank` of `world` (shard): read every record of `source`, measure the pairs of its
+    chunks (in `workers` processes; 0: in this one)."""
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
-    columns = {name: array(code) for name, code in FIELDS.items()}
+    rank, world = shard
+    where = {name: array(FIELDS[name]) for name in ("source", "offset", "line")}
+    columns = {name: array(FIELDS[name]) for name in MEASURED} | {"truncated": array("b"), "numbers": array("q")}
+    reading = _Reading(strict, where)
+    rejected = reading.found
     sources: dict[int, str] = {}  # pair number -> "file:line", only while its chunk is in flight
-    truncated = 0
 
     def take(results: list[tuple], numbers: list[int]) -> None:
-        nonlocal truncated
         for number, result in zip(numbers, results, strict=True):
             name = sources.pop(number)
             if len(result) == 2:
-                rejects.add(name, BadPair(*result))
+                if strict:
+                    raise DataError(f"{name}: {BadPair(*result)}")
+                rejected.append([number, 1, name, *result, None])
                 result = (0, 0, 0, 0, 0, False)
-            for field, value in zip(MEASURED, result[:5], strict=True):
-                columns[field].append(value)
-            truncated += result[5]
+            for field_name, value in zip((*MEASURED, "truncated"), result, strict=True):
+                columns[field_name].append(value)
+            columns["numbers"].append(number)
         if progress is not None:
-            progress(len(columns["fingerprint"]))
+            progress(len(columns["numbers"]))
 
-    start, before = time.perf_counter(), Counter(rejects.counts)
     pool = ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(str(model_dir), rendering)) \
         if workers else None
     if pool is None:
@@ -232,10 +285,11 @@ def build_index(source: DataSource, model_dir: str | Path, rendering: dict, reje
                     take(future.result(), done)
             chunk.clear()
 
-        for number, (where, pair) in enumerate(source.pairs(rejects)):
-            columns["source"].append(where.source)
-            columns["offset"].append(where.offset)
-            columns["line"].append(where.line)
+        for number, (at, pair) in enumerate(source.pairs(reading)):
+            for name in where:
+                where[name].append(getattr(at, name))
+            if (number // CHUNK) % world != rank:
+                continue
             sources[number] = pair.source
             chunk.append((number, pair))
             if len(chunk) == CHUNK:
@@ -251,7 +305,36 @@ def build_index(source: DataSource, model_dir: str | Path, rendering: dict, reje
         if pool is not None:
             pool.shutdown(cancel_futures=True)
         _worker.clear()
-    arrays = {name: np.frombuffer(column, dtype=column.typecode).copy() for name, column in columns.items()}
-    index = PairIndex(arrays, key, dict(rejects.counts - before), truncated)
+    numbers = np.frombuffer(columns.pop("numbers"), dtype=np.int64).copy()
+    measured = {name: np.frombuffer(c, dtype=c.typecode).copy() for name, c in columns.items()}
+    locations = {name: np.frombuffer(c, dtype=c.typecode).copy() for name, c in where.items()}
+    return IndexPart(numbers, measured, rejected, locations)
+
+
+def merge(parts: list[IndexPart], locations: dict[str, np.ndarray], key: dict, rejects: Rejects) -> PairIndex:
+    """The index from every builder's part (and the whole stream's locations); the rejected records
+    go to `rejects` in data order. The same bytes whatever the number of builders."""
+    count = len(locations["line"])
+    arrays = {**locations, **{name: np.zeros(count, dtype=FIELDS[name]) for name in MEASURED}}
+    seen = np.zeros(count, dtype=np.int64)
+    truncated = 0
+    for part in parts:
+        for name in MEASURED:
+            arrays[name][part.numbers] = part.measured[name]
+        seen[part.numbers] += 1
+        truncated += int(part.measured["truncated"].sum())
+    assert (seen == 1).all(), "every pair is measured by exactly one builder"
+    found = sorted((r for part in parts for r in part.rejected), key=lambda r: (r[0], r[1]))
+    for _, _, source, reason, detail, raw in found:
+        rejects.add(source, BadPair(reason, detail), raw)
+    return PairIndex(arrays, key, dict(Counter(r[3] for r in found)), truncated)
+
+
+def build_index(source: DataSource, model_dir: str | Path, rendering: dict, rejects: Rejects, key: dict, *,
+                workers: int = 0, progress=None) -> PairIndex:
+    """Read and measure every pair of `source` in this process (and `workers` worker processes)."""
+    start = time.perf_counter()
+    part = measure(source, model_dir, rendering, strict=rejects.strict, workers=workers, progress=progress)
+    index = merge([part], part.locations, key, rejects)
     index.seconds = time.perf_counter() - start
     return index

@@ -4,9 +4,10 @@
 its own forward, so packed rows and the fused LM head work unchanged) into the language model's
 linear layers (the model family's, the LM head excluded) or the named `target_modules`, and leaves
 only the adapters and `modules_to_save` trainable. Checkpoints then hold only those weights and
-their optimizer state. At the end `merged` folds each adapter into its base weight
-(W + alpha / r * B A) under the base model's own names, so `final/` loads with plain
-`from_pretrained`, and `adapter_state` gives the adapter in peft's file layout for `final/adapter/`.
+their optimizer state. At the end the export folds each adapter into its base weight
+(`merge`: W + alpha / r * B A) under the base model's own names (`merged_sources`), one layer at a
+time, so `final/` loads with plain `from_pretrained`, and `adapter_state` gives the adapter in
+peft's file layout for `final/adapter/`.
 `adapters_disabled` runs the model as its base alone: with nothing but adapters trained, that is
 the initial policy, so an online reference needs no second copy of the model.
 """
@@ -80,20 +81,27 @@ def _is(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-def merged(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    """A gathered state dict of the adapted model -> the base model's, each adapter folded in."""
+def merged_sources(names) -> dict[str, tuple[str, ...]]:
+    """The adapted model's parameter and buffer names -> the base model's, each with the names its
+    tensor is made from: an adapted layer's weight from (base weight, A, B), anything else from itself.
+    The adapters themselves have no name of their own in the base model."""
     out = {}
-    for name, tensor in state.items():
+    for name in names:
         if ".lora_" in name:
             continue
+        sources = (name,)
         if ".base_layer." in name:
             layer, _, leaf = name.partition(".base_layer.")
             if leaf == "weight":
-                a, b = state[f"{layer}.lora_A.{ADAPTER}.weight"], state[f"{layer}.lora_B.{ADAPTER}.weight"]
-                tensor = (tensor.double() + scaling * (b.double() @ a.double())).to(tensor.dtype)
+                sources = (name, f"{layer}.lora_A.{ADAPTER}.weight", f"{layer}.lora_B.{ADAPTER}.weight")
             name = f"{layer}.{leaf}"
-        out[name] = tensor
+        out[name] = sources
     return out
+
+
+def merge(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W + scaling * B A, summed in float64 and returned in W's dtype."""
+    return (weight.double() + scaling * (b.double() @ a.double())).to(weight.dtype)
 
 
 def adapter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -41,7 +41,8 @@ class Request:
 class Sampler:
     """Samples from `model` (already on `device`); `Sampler.load` reads one from a folder.
     `synced` keeps every rank stepping until all ranks' batches are done (ZeRO-3 gathers each
-    layer's weights collectively, so a rank that stops early would leave the others waiting)."""
+    layer's weights collectively, so a rank that stops early would leave the others waiting); every
+    rank must then pass `generate` as many requests, so that all run as many batches."""
 
     def __init__(self, model, renderer: Renderer, *, device: torch.device, dtype: torch.dtype,
                  max_new_tokens: int = 512, batch_size: int = 16, synced: bool = False):
@@ -81,7 +82,9 @@ class Sampler:
                 rows.append(k)
             except BadPair as bad:
                 results[k] = bad
-        if not encoded:
+        if self.synced and (not encoded or self.renderer.vision and all(pv is None for _, pv, _ in encoded)):
+            encoded.append(self._stand_in())  # sampled, never answered: `rows` has no entry for it
+        elif not encoded:
             return results
         width = max(len(ids) for ids, _, _ in encoded)
         input_ids = torch.full((len(encoded), width), self.pad, dtype=torch.long)
@@ -114,6 +117,15 @@ class Sampler:
             text = self._decode(ids[-1], kept) if requests[k].response_prefix else self._decode(None, kept)
             results[k] = Completion(text, truncated=not ends)
         return results
+
+    def _stand_in(self) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
+        """A prompt for a synced batch that would otherwise skip a module the other ranks run: every
+        layer's weights are gathered by all ranks together, so a rank whose prompts all failed to
+        render must still generate, and a vision model's text-only batch must still run the vision
+        tower (on the family's blank image) in case another rank's batch holds images."""
+        if self.renderer.vision:
+            return self.renderer.family.blank_image()
+        return [self.pad], None, None
 
     def _decode(self, last_prompt_id: int | None, ids: list[int]) -> str:
         """New tokens as text. A continuation is decoded after the prompt's last token and that

@@ -1,4 +1,4 @@
-"""Resumable checkpoints and the final from_pretrained export, written atomically.
+"""Resumable checkpoints, written atomically.
 
 checkpoint-<step>/ holds everything an exact resume needs:
   optimizer.rank<r>.{safetensors,json}  each rank's optimizer state (for ZeRO: its partition,
@@ -11,11 +11,8 @@ checkpoint-<step>/ holds everything an exact resume needs:
 Everything is written into .checkpoint-<step>.tmp and renamed when complete, so a killed run
 never leaves a half-written checkpoint behind; the oldest checkpoints beyond `keep_last` are
 removed. Frozen weights are not stored: they are those of the model folder the run starts from.
-final/ is a transformers save_pretrained folder (safetensors, parameters gathered from ZeRO-3)
-with the tokenizer and processor files of the original model folder; a LoRA run's adapters are
-merged into it and also saved alone in peft's layout under final/adapter/. (With LoRA the
-trainable weights, and so the checkpoints, are the adapters only.) A QLoRA run's 4-bit base is
-dequantized first: final/ is the merged model in the training dtype.
+With LoRA the trainable weights, and so the checkpoints, are the adapters only. The final
+from_pretrained export (final/) is `mpo.train.export`'s.
 """
 
 from __future__ import annotations
@@ -24,23 +21,16 @@ import hashlib
 import inspect
 import json
 import random
-import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
 
 from mpo.atomic import save_atomic
-from mpo.models.loading import lm_head
-from mpo.models.lora import merged, save_adapter
-from mpo.models.quantized import is_4bit
 from mpo.train.distributed import Dist, all_gather_objects, barrier
 from mpo.train.state import load_state, save_state
-
-MODEL_FILES = re.compile(r"(model.*\.safetensors|pytorch_model.*\.bin|.*\.safetensors\.index\.json|config\.json|"
-                         r"generation_config\.json)$")
 
 
 def remove_partial(run_dir: Path) -> None:
@@ -140,6 +130,28 @@ def save(engine, run_dir: Path, step: int, trainer_state: dict, dist: Dist, *, z
     return final
 
 
+class RankStates(Sequence):
+    """Every rank's optimizer state as DeepSpeed's ZeRO `load_state_dict` wants it (a list indexed by
+    data-parallel rank), read from disk only when indexed. For the checkpoints written here (rigid:
+    the same ranks and partition layout) DeepSpeed reads only this rank's entry, so a rank reads
+    its own files alone; the whole list would be world x one rank's state in every process (about
+    96 GB a rank at 8B). DeepSpeed indexes other ranks only to re-partition: an elastic checkpoint
+    (ZeRO 1-2 `elastic_checkpoint`) or one saved without parameter-alignment paddings
+    (`_restore_elastic_base_optimizer_state`, `_restore_from_unpadded_fp32_weights`); there it
+    reads them one at a time through this sequence."""
+
+    def __init__(self, ckpt: Path, world: int, live):
+        self.ckpt, self.world, self.live = ckpt, world, live
+
+    def __len__(self) -> int:
+        return self.world
+
+    def __getitem__(self, rank: int):
+        if not 0 <= rank < self.world:
+            raise IndexError(rank)
+        return load_state(self.ckpt / f"optimizer.rank{rank}", self.live)
+
+
 def load(engine, ckpt: Path, dist: Dist, *, zero_stage: int) -> dict:
     """Restore optimizer (and, below ZeRO-3, the weights) and RNG; returns trainer.json's state."""
     state = json.loads((ckpt / "trainer.json").read_text())
@@ -157,50 +169,11 @@ def load(engine, ckpt: Path, dist: Dist, *, zero_stage: int) -> dict:
             raise ValueError(f"{ckpt}: model.safetensors lacks trainable weights {lacking}")
     live = engine.optimizer.state_dict()
     if "load_from_fp32_weights" in inspect.signature(engine.optimizer.load_state_dict).parameters:
-        # ZeRO 1-3 and DeepSpeed's bf16 optimizer take every rank's state (and merge fp32 partitions)
-        states = [load_state(ckpt / f"optimizer.rank{r}", live) for r in range(dist.world)]
+        # ZeRO 1-3 and DeepSpeed's bf16 optimizer take a list with every rank's state
+        states = RankStates(ckpt, dist.world, live)
         engine.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
     else:  # torch optimizers and DeepSpeed's fp16 wrappers: this rank's own state
         engine.optimizer.load_state_dict(load_state(ckpt / f"optimizer.rank{dist.rank}", live))
     rng = load_state(ckpt / f"rng.rank{dist.rank}")
     _set_rng_state(rng["tensors"], rng["plain"])
     return state
-
-
-def export_final(engine, source_dir: Path, run_dir: Path, dist: Dist, *, zero_stage: int) -> Path:
-    """run_dir/final: the trained model as a from_pretrained folder, with its processor files."""
-    import deepspeed
-
-    model = engine.module.model
-    if is_4bit(model):  # QLoRA: merge into, and export, the dequantized base in the training dtype
-        model.dequantize(dtype=lm_head(model).weight.dtype)
-    state = {}
-    for name, param in model.named_parameters():
-        with deepspeed.zero.GatheredParameters([param], enabled=zero_stage == 3):
-            if dist.main:
-                state[name] = param.detach().cpu().clone()
-    # persistent buffers only: a non-persistent one (rotary `inv_freq`, `original_inv_freq`) is rebuilt
-    # by the model and would load as an unexpected key
-    persistent = set(model.state_dict())
-    for name, buffer in model.named_buffers():
-        if dist.main and name in persistent:
-            state[name] = buffer.detach().cpu().clone()
-    final, tmp = run_dir / "final", run_dir / ".final.tmp"
-    lora = getattr(engine.module, "lora", None)
-    if dist.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            # LoRA: the adapters folded into the base weights, and kept apart in final/adapter
-            model.save_pretrained(tmp, state_dict=merged(state, lora.lora_alpha / lora.r) if lora else state,
-                                  safe_serialization=True)
-            if lora:
-                save_adapter(lora, state, tmp / "adapter", str(source_dir.resolve()))
-        except SafetensorError as e:  # it names no file
-            raise OSError(f"cannot write {tmp}: {e}") from None
-        for f in source_dir.iterdir():
-            if f.is_file() and not MODEL_FILES.match(f.name):
-                shutil.copy2(f, tmp / f.name)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-    barrier()
-    return final

@@ -4,6 +4,9 @@ A config is a YAML file of sections (model, data, loss, optim, train, deepspeed,
 logging) overlaid on the defaults below, then `section.key=value` overrides (values parsed as
 YAML scalars). Unknown sections or keys and values of the wrong type or outside their range raise
 ValueError naming the key (and the file). `mpo train --help` prints every field with its help.
+
+A key renamed since an older mpo wrote a config (`RENAMED`) is still read, as its new form, with
+a one-line notice on stderr: a run folder's config.yaml stays usable, `--resume` included.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -140,6 +144,8 @@ class CheckpointConfig:
     every_steps: int = opt(0, "save a resumable checkpoint every N steps (0 = only at the end)", low=0)
     keep_last: int = opt(2, "checkpoints kept (older ones are deleted)", low=1)
     export_final: bool = opt(True, "write <output_dir>/final as a from_pretrained folder at the end")
+    export_shard_gb: float = opt(5.0, "largest weight file of final/ in GB; rank 0 holds about one while exporting",
+                                 low=0.001)
 
 
 @dataclass
@@ -226,6 +232,51 @@ def _set(cfg: Config, section: str, key: str, value, where: str) -> None:
     setattr(obj, key, value)
 
 
+@dataclass(frozen=True)
+class Renamed:
+    """A key an older version wrote, read as the key that replaced it."""
+
+    new: str  # the dotted key that replaced the old one
+    old_type: type  # what the old key held
+    convert: typing.Callable  # old value -> new value
+
+
+RENAMED = {
+    # the old key's default (true) reads as the new key's default ([tensorboard])
+    "logging.tensorboard": Renamed("logging.report_to", bool, lambda on: ["tensorboard"] if on else []),
+}
+
+
+def _current(name: str, value, where: str, *, notice: bool = True) -> tuple[str, object]:
+    """(dotted key, value) of `name: value` in the keys of this version."""
+    renamed = RENAMED.get(name)
+    if renamed is None:
+        return name, value
+    new = renamed.convert(_coerce(f"{where}{name}", value, renamed.old_type))
+    if notice:
+        print(f"mpo: {where}config key {name} is now {renamed.new}; read {name}: {_flow(value)} as "
+              f"{renamed.new}: {_flow(new)}", file=sys.stderr)
+    return renamed.new, new
+
+
+def _flow(value) -> str:
+    """A value as it would be written in YAML on one line."""
+    return yaml.safe_dump(value, default_flow_style=True, width=sys.maxsize).removesuffix("\n...\n").strip()
+
+
+def saved_in_current_keys(saved: dict) -> dict:
+    """A config dict an older (or this) version wrote (trainer.json) in this version's keys: renamed
+    keys in their new form, keys added since at their defaults (a key is added with the default that
+    keeps what versions without it did)."""
+    current = Config().to_dict()
+    for section, entries in saved.items():
+        for key, value in entries.items():
+            name, value = _current(f"{section}.{key}", value, "saved config: ", notice=False)
+            new_section, _, new_key = name.partition(".")
+            current.setdefault(new_section, {})[new_key] = value
+    return current
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file, then `section.key=value` overrides; validated."""
     cfg = Config()
@@ -239,13 +290,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ValueError(f"{path}: not valid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a config maps section names to their keys")
+        given = {}
         for section, entries in data.items():
             if not isinstance(entries, dict):
                 if section not in SECTIONS:
                     raise ValueError(f"{path}: unknown config section {section!r}")
                 raise ValueError(f"{path}: section {section!r} must map keys to values")
             for key, value in entries.items():
-                _set(cfg, section, key, value, f"{path}: ")
+                name, value = _current(f"{section}.{key}", value, f"{path}: ")
+                if name in given:
+                    raise ValueError(f"{path}: {given[name][0]} and {section}.{key} name one key; keep {name}")
+                given[name] = (f"{section}.{key}", value)
+        for name, (_, value) in given.items():
+            section, _, key = name.partition(".")
+            _set(cfg, section, key, value, f"{path}: ")
     for item in overrides:
         name, sep, raw = item.partition("=")
         section, dot, key = name.strip().partition(".")
@@ -255,6 +313,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ValueError(f"override {item!r}: {e}") from e
+        name, value = _current(f"{section}.{key}", value, "override: ")
+        section, _, key = name.partition(".")
         _set(cfg, section, key, value, "override: ")
     validate(cfg)
     return cfg

@@ -6,8 +6,13 @@ gets a one-process group on a free local port. NCCL on CUDA, gloo on CPU.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
+import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -66,3 +71,120 @@ def all_gather_objects(obj) -> list:
 
 def barrier() -> None:
     dist.barrier()
+
+
+# --- phases: long stretches of work that fail together ---------------------------------------------------------
+
+_phases = 0  # phases entered by this process; every rank enters the same phases in the same order
+
+
+def _store():
+    """A client of the process group's key-value store of its own (the launcher's MASTER_ADDR:PORT
+    server): phases talk over it, never through a collective, so no collective time limit applies."""
+    return dist.distributed_c10d._get_default_store().clone()
+
+
+class Phase:
+    """Work every rank does that may take long or fail on one rank alone (building the pair index,
+    the reference cache, the export, training-time answers).
+
+    A collective has a time limit (the process group's, 30 minutes by default) and never hears of a
+    peer that raised instead of joining it. Here the ranks meet at `sync()` and at the end by polling
+    the store, without a limit: a long preparation cannot time out. A rank that raises inside the
+    phase posts its message; a watcher thread on every other rank sees it within a second, prints
+    it and ends that process (wherever it is blocked: a poll, a gloo or NCCL collective) with exit
+    status 1; the failing rank waits until the others have read the message (the store lives in
+    rank 0's process, which for the same reason stays until they have), then raises as usual. A rank
+    killed outright posts nothing: its launcher (torchrun) ends the others."""
+
+    POLL_S = 0.2
+    ACK_WAIT_S = 30.0
+
+    def __init__(self, dist_: Dist, name: str):
+        global _phases
+        _phases += 1
+        self.dist, self.name, self.key = dist_, name, f"mpo/phase/{_phases}"
+        self.store = _store() if dist_.world > 1 else None
+        self._points, self._done = 0, threading.Event()
+
+    def __enter__(self) -> Phase:
+        if self.store is not None:
+            threading.Thread(target=self._watch, args=(self.store.clone(),), daemon=True).start()
+        return self
+
+    def __exit__(self, kind, error, tb) -> bool:
+        try:
+            if self.store is None:
+                return False
+            if error is None:
+                self.sync()
+            else:
+                self._post(error)
+        finally:
+            self._done.set()
+        return False
+
+    @property
+    def rank(self) -> int:
+        return self.dist.rank
+
+    @property
+    def world(self) -> int:
+        return self.dist.world
+
+    def sync(self) -> None:
+        """Wait until every rank has reached this point (no time limit)."""
+        if self.store is None:
+            return
+        name = self._name("sync")
+        self.store.add(name, 1)
+        self._poll(lambda: self.store.add(name, 0) == self.dist.world)
+
+    def share(self, value):
+        """Rank 0's `value` (JSON: tuples come back as lists, on rank 0 too), on every rank."""
+        if self.store is None:
+            return json.loads(json.dumps(value))
+        name = self._name("share")
+        if self.dist.main:
+            self.store.set(name, json.dumps(value))
+        else:
+            self._poll(lambda: self.store.check([name]))
+        return json.loads(self.store.get(name))
+
+    def _name(self, what: str) -> str:
+        self._points += 1
+        return f"{self.key}/{what}{self._points}"
+
+    def _poll(self, done) -> None:
+        delay = 0.01
+        while not done():
+            time.sleep(delay)  # a failure elsewhere ends this process from the watcher thread
+            delay = min(delay * 2, self.POLL_S)
+
+    def _post(self, error: BaseException) -> None:
+        message = f"rank {self.dist.rank}: {type(error).__name__}: {error}"
+        if self.store.compare_set(f"{self.key}/error", "", message) != message.encode():
+            return  # another rank failed first: its message is the one posted
+        self._await_readers(self.store)
+
+    def _await_readers(self, store) -> None:
+        """Until every other rank has read the posted failure (bounded): rank 0's process serves the store."""
+        deadline = time.monotonic() + self.ACK_WAIT_S
+        with contextlib.suppress(RuntimeError):  # the store gone: nobody is left to read
+            while store.add(f"{self.key}/read", 0) < self.dist.world - 1 and time.monotonic() < deadline:
+                time.sleep(self.POLL_S)
+
+    def _watch(self, store) -> None:
+        error = f"{self.key}/error"
+        while not self._done.wait(self.POLL_S):
+            if not store.check([error]):
+                continue
+            message = store.get(error).decode()
+            if message.startswith(f"rank {self.dist.rank}:"):
+                return  # this rank's own failure: it raises in the main thread
+            print(f"mpo: {self.name} failed on {message}; stopping rank {self.dist.rank}", file=sys.stderr,
+                  flush=True)
+            store.add(f"{self.key}/read", 1)
+            if self.dist.main:
+                self._await_readers(store)
+            os._exit(1)

@@ -6,10 +6,11 @@ answered greedily by the policy being trained and judged by the same rules, so t
 are summed over ranks and rank 0 writes the answers to <run>/generations/step-<N>.jsonl.
 
 Under ZeRO-3 each layer's weights are gathered collectively, so every rank must run the same number
-of forward passes: the shares are padded to equal length (the padding's answers are dropped) and
-`generate` keeps finished ranks stepping until all are done (`synced_gpus`). Every question is
-rendered once when the run starts, so a bad image stops the run then, naming its line, rather than
-leaving one rank without a batch mid-run.
+of forward passes through the same modules: the shares are padded to equal length (the padding's
+answers are dropped), `generate` keeps finished ranks stepping until all are done (`synced_gpus`),
+and the sampler gives a batch that would skip the vision tower a blank image. Every question is
+rendered once when the run starts, so a bad image stops the run then, naming its line; a failure
+later, on any rank (an image gone since, out of memory), ends every rank at once (`Phase`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from mpo.models.loading import enable_packed_attention
 from mpo.pairs.correctness import INSTRUCTION, asked, verdict
 from mpo.pairs.generate import Sampler
 from mpo.pairs.prompts import read_prompts
-from mpo.train.distributed import Dist, all_gather_objects, all_sum
+from mpo.train.distributed import Dist, Phase, all_gather_objects, all_sum
 
 
 class GenerationEval:
@@ -46,6 +47,11 @@ class GenerationEval:
 
     @torch.no_grad()
     def __call__(self, model, dtype: torch.dtype, run_dir: Path, step: int) -> dict:
+        # the other ranks would otherwise wait for a failed rank in a collective until its time limit
+        with Phase(self.dist, "training-time answers"):
+            return self._answer(model, dtype, run_dir, step)
+
+    def _answer(self, model, dtype: torch.dtype, run_dir: Path, step: int) -> dict:
         rank, world = self.dist.rank, self.dist.world
         mine = list(range(rank, len(self.records), world))
         share = -(-len(self.records) // world)
@@ -55,9 +61,11 @@ class GenerationEval:
                           max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, synced=self.synced)
         was_training = model.training
         model.eval()
-        with standard_attention(model):
-            done = sampler.generate(requests, temperature=0.0)[:len(mine)]
-        model.train(was_training)
+        try:
+            with standard_attention(model):
+                done = sampler.generate(requests, temperature=0.0)[:len(mine)]
+        finally:
+            model.train(was_training)  # the caller's model leaves in the mode it came in, whatever happened
         items = []
         for k, c in zip(mine, done):
             if isinstance(c, BadPair):

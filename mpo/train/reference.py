@@ -31,7 +31,7 @@ from mpo.models.loading import load_model, pair_logps
 from mpo.models.lora import adapters_disabled
 from mpo.pair_logps import run_pass, save_pair_logps
 from mpo.train.config import Config
-from mpo.train.distributed import Dist, all_gather_objects, barrier
+from mpo.train.distributed import Dist, Phase, all_gather_objects
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".jinja", ".txt", ".model", ".tiktoken")
 
@@ -99,9 +99,10 @@ class BaseReference:
 
 
 def build_cache(pairs: PairDataset, reference: ReferenceModel, key: dict, out: Path, dist: Dist, dtype,
-                loader_options: dict) -> None:
+                loader_options: dict, phase: Phase) -> None:
     """Run the reference over every valid pair (rows dealt to ranks, blank rows padding the short
-    ones) and write `out` on rank 0, in the `mpo logps` layout."""
+    ones) and write `out` on rank 0, in the `mpo logps` layout; the ranks meet at the end of the
+    `phase` they are in."""
     dealt = pairs.deal(pairs.data_order_rows(), dist.world)
     mine = dealt[dist.rank]
     rows = [mine[k] if k < len(mine) else () for k in range(max(len(r) for r in dealt))]
@@ -109,7 +110,7 @@ def build_cache(pairs: PairDataset, reference: ReferenceModel, key: dict, out: P
     gathered = [r for part in all_gather_objects(results) for r in part]
     if dist.main:
         save_pair_logps(pairs, gathered, out, {"key": json.dumps(key, sort_keys=True)})
-    barrier()
+    phase.sync()
 
 
 def load_cache(path: Path, key: dict, pairs: PairDataset) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,17 +30,17 @@ import torch
 
 from mpo.data.dataset import PairDataset
 from mpo.data.formats import DataSource
-from mpo.data.index import PairIndex, index_path, rendering_options
+from mpo.data.index import rendering_options
 from mpo.data.packing import PackingOptions
-from mpo.data.records import DataError, Rejects
+from mpo.data.records import Rejects
 from mpo.data.render import ImageOptions
 from mpo.models.families import family_of
 from mpo.models.loading import lm_head
 from mpo.models.quantized import require_4bit
-from mpo.train import checkpoint
-from mpo.train.config import Config, dump
+from mpo.train import checkpoint, export
+from mpo.train.config import Config, dump, saved_in_current_keys
 from mpo.train.data import TrainPlan
-from mpo.train.distributed import Dist, all_gather_objects, barrier, init
+from mpo.train.distributed import Dist, Phase, barrier, init
 from mpo.train.engine import build, deepspeed_config, role_lrs, train_dtype
 from mpo.train.generation_eval import GenerationEval
 from mpo.train.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_gb, require_reporters
@@ -117,36 +117,18 @@ class Trainer:
                     cfg.data.eval_prompts, model_dir=cfg.model.path, images=self.images,
                     image_root=cfg.data.image_root or None, dist=self.dist,
                     max_new_tokens=cfg.train.eval_max_new_tokens, batch_size=cfg.train.eval_batch_size,
-                    synced=self.dist.world > 1)
+                    synced=self.dist.world > 1 and cfg.deepspeed.zero_stage == 3)
 
     def _pairs(self, split: str, data: str) -> PairDataset:
-        """The split's pairs: rank 0 loads the matching index or builds it (the other ranks wait,
-        then load it)."""
-        cfg, main = self.cfg, self.dist.main
-        index_dir = cfg.data.index_dir or self.run_dir
-        pairs, error = None, None
+        """The split's pairs: the matching index, or one all ranks build together (each measures its
+        share; rank 0 merges and writes it)."""
+        cfg = self.cfg
         source = DataSource(data, image_root=cfg.data.image_root or None,
                             allow_outside_root=cfg.data.allow_outside_root)
-        if main:
-            try:
-                pairs = PairDataset.open(cfg.model.path, source, self.packing, self.rejects,
-                                         images=self.images, index_dir=index_dir, workers=cfg.data.num_workers)
-            except (DataError, ValueError) as e:
-                error = e
-        found = all_gather_objects((str(error) if error else None, pairs.index.key if pairs else None))[0]
-        if error is not None:
-            raise error
-        if found[0]:
-            raise DataError(f"{split} data ({data}): {found[0]}")
-        if pairs is None:
-            path = index_path(index_dir, found[1])
-            index = PairIndex.load(path, found[1])
-            if index is None:
-                raise FileNotFoundError(f"{path}: rank 0 wrote this pair index but rank {self.dist.rank} cannot read "
-                                        "it; the run folder (or data.index_dir) must be on a file system every node "
-                                        "shares")
-            pairs = PairDataset(source, index, cfg.model.path, self.packing)
-        return pairs
+        with Phase(self.dist, f"indexing the {split} data ({data})") as phase:
+            return PairDataset.open(cfg.model.path, source, self.packing, self.rejects, images=self.images,
+                                    index_dir=cfg.data.index_dir or self.run_dir, workers=cfg.data.num_workers,
+                                    group=phase)
 
     # --- reference log-probs ------------------------------------------------------------------------------
 
@@ -179,14 +161,16 @@ class Trainer:
                      **({"weights": "nf4"} if self.cfg.model.load_in_4bit else {})}
         model_path = self.cfg.loss.reference_model or self.cfg.model.path
         reference = None
-        for split, pairs in splits.items():
-            key = all_gather_objects(cache_key(model_path, pairs.index.key["data"], rendering)
-                                     if self.dist.main else None)[0]
-            path = self.cache_path(split)
-            if not path.is_file():
-                reference = reference or self._reference_model()
-                build_cache(pairs, reference, key, path, self.dist, self.dtype, self._loader_options())
-            self.ref[split] = load_cache(path, key, pairs)
+        with Phase(self.dist, "preparing the reference log-probs") as phase:
+            for split, pairs in splits.items():
+                # rank 0 hashes the reference model's files
+                key = phase.share(cache_key(model_path, pairs.index.key["data"], rendering) if self.dist.main
+                                  else None)
+                path = self.cache_path(split)
+                if not phase.share(path.is_file()):
+                    reference = reference or self._reference_model()
+                    build_cache(pairs, reference, key, path, self.dist, self.dtype, self._loader_options(), phase)
+                self.ref[split] = load_cache(path, key, pairs)
         del reference
 
     def reference_sums(self, split: str, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -407,8 +391,9 @@ class Trainer:
         checkpoint.save(self.engine, self.run_dir, step, self._state(step, skipped, consecutive), dist,
                         zero_stage=cfg.deepspeed.zero_stage, keep_last=cfg.checkpoint.keep_last)
         if cfg.checkpoint.export_final:
-            summary["final"] = str(checkpoint.export_final(self.engine, Path(cfg.model.path), self.run_dir, dist,
-                                                           zero_stage=cfg.deepspeed.zero_stage))
+            summary["final"] = str(export.export_final(
+                self.engine, Path(cfg.model.path), self.run_dir, dist, zero_stage=cfg.deepspeed.zero_stage,
+                max_shard_bytes=int(cfg.checkpoint.export_shard_gb * 1e9)))
         summary["skipped_steps"] = skipped
         return summary
 
@@ -422,6 +407,7 @@ def _check_resumable(cfg: Config, ckpt: Path) -> None:
     saved = json.loads((ckpt / "trainer.json").read_text()).get("config")
     if saved is None:
         return
+    saved = saved_in_current_keys(saved)  # an older version's: a key renamed, or added and at its default, is no change
     now = cfg.to_dict()
     changed = [f"{section}.{key}" for section in now for key in now[section]
                if saved.get(section, {}).get(key) != now[section][key]
