@@ -1,16 +1,23 @@
 """Model families: each tiny model finds its family, the family's module roles partition the model
-(freezing and MFU read them), text documents keep plain positions in every M-RoPE row, and the
-blank image runs through the vision tower."""
+(freezing and MFU read them), image token ids and tile counts are the processor's, text documents
+keep plain positions in every M-RoPE row, and the blank image runs through the vision tower."""
 
 import dataclasses
+import json
 
+import numpy as np
 import pytest
 import torch
+import transformers
+from PIL import Image
 from transformers import AutoConfig, LlavaConfig
 
 from mpo.data.packing import SHARED, PackedBatch
+from mpo.data.records import BadPair, PreferencePair
+from mpo.data.render import Renderer
 from mpo.models.families import Family, InternVL, QwenVL, family_of
 from mpo.models.loading import load_model, packed_hidden_states
+from mpo.models.tiny import MAX_PATCHES
 from mpo.train.config import load_config
 from mpo.train.engine import freeze
 from mpo.train.metrics import flops_per_token
@@ -55,6 +62,94 @@ def test_module_roles_partition_the_model_and_drive_freezing_and_flops(tiny_mode
         assert all(p.requires_grad for p in fresh.parameters() if id(p) not in frozen)
         # vision and projector weights never count, frozen or not
         assert flops_per_token(fresh, fresh.get_output_embeddings().weight) == 6 * sum(p.numel() for p in language)
+
+
+VISION = ["internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+
+
+def reference_processor(model_dir, monkeypatch):
+    """The model folder's own processor: AutoProcessor where it loads. Its video half needs
+    torchvision (no working CPU build here); without it, the processor class processor_config.json
+    names, built from the folder's image processor and tokenizer with no video processor (the
+    class check of each part looks the video processor class up, which needs torchvision: skipped
+    for the absent part). Either way the processor's own string expansion makes the ids."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers.processing_utils import ProcessorMixin
+
+    try:
+        return AutoProcessor.from_pretrained(model_dir)
+    except ImportError:
+        pass
+    config = json.loads((model_dir / "processor_config.json").read_text())
+    cls = getattr(transformers, config["processor_class"])
+    extra = {k: v for k, v in config.items() if k not in ("image_processor", "video_processor", "processor_class")}
+    check = ProcessorMixin.check_argument_for_proper_class
+    monkeypatch.setattr(ProcessorMixin, "check_argument_for_proper_class",
+                        lambda self, name, arg: arg is None or check(self, name, arg))
+    return cls(image_processor=AutoImageProcessor.from_pretrained(model_dir),
+               tokenizer=AutoTokenizer.from_pretrained(model_dir), video_processor=None, **extra)
+
+
+def random_images(n: int) -> list[Image.Image]:
+    """n noise images of random odd sizes, 13 to 401 px a side."""
+    sizes = 2 * torch.randint(6, 201, (n, 2)) + 1
+    return [Image.fromarray(np.random.randint(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes.tolist()]
+
+
+def layouts(token: str, n: int) -> list[str]:
+    """Prompts with n placeholders: text glued to them with no space, one at the very start and the
+    end, adjacent ones, and text and whitespace around and between them."""
+    glued = token + "".join(f"a{i}b" + token for i in range(n - 1))
+    listed = " and\n".join([token] * n)
+    return [glued, f"x{glued}y", f"What is {listed}?\n", f"\n {token * n}  ", f"the{token}  {token * (n - 1)}the"]
+
+
+def image_kwargs(arch: str, n: int) -> dict:
+    """What the processor is called with: InternVL shares its tile budget among a prompt's images."""
+    return {"crop_to_patches": True, "max_patches": max(1, MAX_PATCHES // n)} if arch == "internvl" else {}
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("arch", VISION)
+def test_image_token_ids_and_tiles_are_the_processors(tiny_models, monkeypatch, arch, n):
+    """`encode` (from pixels) and `count` (from image sizes alone, the cost pass) give the ids the
+    processor gives, and the processor's pixels, grid and tile (patch) count."""
+    processor = reference_processor(tiny_models[arch], monkeypatch)
+    images = Renderer(tiny_models[arch]).images
+    pictures = random_images(n)
+    sizes = [(im.height, im.width) for im in pictures]
+    for text in layouts(images.image_token, n):
+        want = processor(text=[text], images=pictures, add_special_tokens=False, return_tensors="pt",
+                         **image_kwargs(arch, n))
+        ids, pixels, grid = images.encode(text, pictures, None)
+        counted, tiles = images.count(text, sizes, None)
+        assert ids == counted == want["input_ids"][0].tolist(), text
+        # a tile (Qwen-VL: a patch) is one row of pixel values
+        assert tiles == want["pixel_values"].shape[0] and torch.equal(pixels, want["pixel_values"].float())
+        assert grid is None or torch.equal(grid, want["image_grid_thw"])
+        assert ids.count(images.slot_id) == images.slots(tiles)
+
+
+@pytest.mark.parametrize("arch", VISION)
+def test_text_only_prompts_on_vision_models_are_the_processors(tiny_models, monkeypatch, arch):
+    processor = reference_processor(tiny_models[arch], monkeypatch)
+    renderer = Renderer(tiny_models[arch])
+    pair = PreferencePair(({"role": "user", "content": "x" * torch.randint(1, 9, ()).item() + " the sum?"},),
+                          "a", "b")
+    text = renderer.tokenizer.apply_chat_template(list(pair.prompt), tokenize=False, add_generation_prompt=True)
+    want = processor(text=[text], add_special_tokens=False)["input_ids"][0]
+    assert renderer.render(pair).prompt_ids == renderer.render(pair, pixels=False).prompt_ids == want
+
+
+@pytest.mark.parametrize("arch", ["internvl", "qwen2_5_vl"])
+def test_placeholders_unlike_the_images_in_number_reject_the_pair(tiny_models, arch):
+    images = Renderer(tiny_models[arch]).images
+    pictures = random_images(2)
+    for text in (images.image_token, images.image_token * 3):
+        with pytest.raises(BadPair, match="image_mismatch"):
+            images.count(text, [(im.height, im.width) for im in pictures], None)
+        with pytest.raises(BadPair, match="image_mismatch"):
+            images.encode(text, pictures, None)
 
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen3_vl"])

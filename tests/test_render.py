@@ -1,7 +1,6 @@
 """Rendering through the model folder's tokenizer, chat template and image processor, and the
 render-stage bad-input reasons (unreadable images, text-only models, over-long pairs)."""
 
-import copy
 import json
 
 import pytest
@@ -165,26 +164,6 @@ def test_every_added_token_of_the_tokenizer_is_a_control_token(tiny_models, imag
             with pytest.raises(BadPair, match="control token"):
                 r.render(pair)
     r.render(make_pair([str(image_file)]))  # the placeholder itself is fine
-
-
-@pytest.mark.parametrize("arch", ["internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
-def test_processor_path_matches_the_composed_rule(tiny_models, image_file, arch):
-    """Where torchvision exists the model folder's AutoProcessor renders images; it must give the
-    same tokens, pixels and grids as the family's composed rule used without it."""
-    pytest.importorskip("torchvision")
-    from transformers import AutoImageProcessor
-
-    r = Renderer(tiny_models[arch])
-    assert r.images.backend == "processor"
-    a = r.render(make_pair([str(image_file)]))
-    composed = copy.copy(r.images)
-    composed.processor, composed.backend = None, "composed"
-    composed.image_processor = AutoImageProcessor.from_pretrained(tiny_models[arch])
-    r.images = composed
-    b = r.render(make_pair([str(image_file)]))
-    assert a.prompt_ids == b.prompt_ids and torch.equal(a.pixel_values, b.pixel_values)
-    assert (a.image_grid_thw is None) == (b.image_grid_thw is None)
-    assert a.image_grid_thw is None or torch.equal(a.image_grid_thw, b.image_grid_thw)
 
 
 def test_responses_identical_after_truncation_are_rejected(tiny_models):

@@ -1,16 +1,16 @@
 """Render a `PreferencePair` into token ids (and image tiles) with the model's own processor.
 
 The prompt goes through the tokenizer's chat template with the generation prompt; each "<image>"
-placeholder becomes the processor's image token, which the processor expands to the model's image
-tokens (InternVL: "<img>" + "<IMG_CONTEXT>" x tokens-per-tile x tiles + "</img>", after its
-dynamic tiling; not re-implemented here). Each response is what the chat template appends for an
-assistant turn (its text and end-of-turn), i.e. the full conversation's text minus the prompt's.
+placeholder becomes the family's compact image form, whose one slot token is then spliced into
+the model's image tokens at the id level (InternVL: "<img>" + "<IMG_CONTEXT>" x tokens-per-tile x
+tiles + "</img>", the tiles from the image processor's own dynamic tiling). Each response is what
+the chat template appends for an assistant turn (its text and end-of-turn), i.e. the full
+conversation's text minus the prompt's.
 Text-only models use the tokenizer alone; without a chat template, prompts are joined by blank
 lines and responses end with the EOS token.
 
-How images become tokens is the model family's (`mpo.models.families`): the model folder's
-AutoProcessor where it loads, otherwise its image processor and tokenizer composed with the
-family's expansion rule.
+How images become tokens is the model family's (`mpo.models.families`): the model folder's image
+processor sizes and tiles them, the family's rule says how many slots each one takes.
 """
 
 from __future__ import annotations
@@ -127,18 +127,11 @@ class Renderer:
         tokens = sorted(tokens - {IMAGE_TOKEN, ""}, key=len, reverse=True)  # "<image>" is the data's placeholder
         self._control_tokens = re.compile("|".join(map(re.escape, tokens))) if tokens else None
 
-    def describe(self) -> str:
-        how = f"images via {self.images.backend}" if self.images else "text-only"
-        return f"{self.model_dir} ({type(self.tokenizer).__name__}, {how})"
-
     def render(self, pair: PreferencePair, index: int = -1, *, pixels: bool = True) -> RenderedPair:
         """pixels=False: the token ids and tile count exactly, the images read for their size only."""
         if pair.images and not self.vision:
             raise BadPair("no_vision", f"{len(pair.images)} images")
-        texts = [m["content"] for m in pair.prompt] + [pair.chosen, pair.rejected]
-        for text in texts if self._control_tokens is not None else ():
-            if found := self._control_tokens.search(text):
-                raise BadPair("bad_field", f"the text contains the control token {found.group()!r}")
+        self.check_text(*(m["content"] for m in pair.prompt), pair.chosen, pair.rejected)
         messages = self._messages(pair.prompt)
         prompt_text = self._prompt_text(messages)
         max_patches = pair.max_patches if pair.max_patches is not None else self.options.max_patches
@@ -156,6 +149,12 @@ class Renderer:
         if self.vision:
             self._check_image_slots(prompt_ids, chosen + rejected, tiles)
         return RenderedPair(prompt_ids, chosen, rejected, pixel_values, pair.source, index, tiles, grid)
+
+    def check_text(self, *texts: str) -> None:
+        """BadPair (bad_field) when a text holds a special or added token of the tokenizer."""
+        for text in texts if self._control_tokens is not None else ():
+            if found := self._control_tokens.search(text):
+                raise BadPair("bad_field", f"the text contains the control token {found.group()!r}")
 
     def prompt(self, messages: list[dict] | tuple[dict, ...], images=(),
                response_prefix: str = "") -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:

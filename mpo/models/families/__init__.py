@@ -2,8 +2,8 @@
 
 `family_of(config)` picks the first family whose `matches(config)` holds, else the generic text
 family. Adding a family (LLaVA-OneVision, Idefics3, ...) is one new file with a `Family` subclass
-(module roles, `ImageTokens` subclass with the processor's expansion rule, positions, blank
-image) listed in FAMILIES, and its tiny model in `mpo.models.tiny` for the tests.
+(module roles, `ImageTokens` subclass with its compact image form and slot count, positions,
+blank image) listed in FAMILIES, and its tiny model in `mpo.models.tiny` for the tests.
 """
 
 from __future__ import annotations

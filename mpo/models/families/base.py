@@ -5,11 +5,14 @@ vision tower, the projector and the language model (freezing, MFU), how images b
 (`ImageTokens`), the position ids of a packed document, and the blank image that keeps an
 image-less row on the vision path. A text LM has no images and plain 1-D positions.
 
-`ImageTokens` is the shared half of every vision family's image handling: the model folder's
-AutoProcessor renders where it loads; otherwise (processors whose video half needs torchvision)
-the folder's image processor and tokenizer are composed with the family's own expansion rule,
-`_expand`. Token counts for the cost pass come from the image processor's
-`get_number_of_image_patches`, from image sizes alone.
+`ImageTokens` is the shared half of every vision family's image handling: the model folder's image
+processor sizes the images (pixels, or from image sizes alone its `get_number_of_image_patches`,
+for the cost pass), and the token ids are the processor's, built at the id level: the prompt is
+tokenized with each image in its compact form (one slot token) and each image's slot then becomes
+its `slots` copies. The processor spells every slot out in a string and tokenizes that: thousands
+of tokens an image at real sizes, most of an image pair's cost pass. The ids are the same because
+the slot is an added token (checked at start): the tokenizer splits the text at it and never merges
+it with what is around it. A family states only its rule: the compact form and the slot count.
 """
 
 from __future__ import annotations
@@ -66,27 +69,23 @@ class ImageTokens:
     """A prompt text with `image_token` once per image + the images -> (input ids, pixel values, grid)."""
 
     image_token: str  # what each data "<image>" placeholder becomes in the prompt text
+    compact_image: str  # one image's markup with a single slot: what `image_token` is tokenized as
     slot_token: str  # the token that receives one image feature
     knobs: tuple[str, ...] = ()  # the ImageOptions sizing fields the family's processor has
 
     def __init__(self, model_dir, tokenizer, config, options):
-        from transformers import AutoImageProcessor, AutoProcessor
+        from transformers import AutoImageProcessor
 
         foreign = [k for k in ("max_patches", "min_pixels", "max_pixels") if getattr(options, k) is not None
                    and k not in self.knobs]
         if foreign:
             raise ValueError(f"{model_dir}: {', '.join(foreign)} does not apply to {config.model_type} models "
                              f"(their image processor takes {' / '.join(self.knobs) or 'no sizing option'})")
-        self.tokenizer, self.config, self.options, self.processor = tokenizer, config, options, None
-        try:
-            processor = AutoProcessor.from_pretrained(model_dir)
-            if hasattr(processor, "image_processor"):
-                self.processor = processor
-        except (ImportError, AttributeError, OSError, ValueError, TypeError):
-            pass  # e.g. a video processor without torchvision: compose below
-        self.image_processor = (self.processor.image_processor if self.processor is not None
-                                else AutoImageProcessor.from_pretrained(model_dir))
-        self.backend = "processor" if self.processor is not None else "composed"
+        self.tokenizer, self.config, self.options = tokenizer, config, options
+        self.image_processor = AutoImageProcessor.from_pretrained(model_dir)
+        if self.slot_token not in tokenizer.get_added_vocab():
+            raise ValueError(f"{model_dir}: {self.slot_token!r} is not one of the tokenizer's added tokens")
+        self.slot_id = tokenizer.convert_tokens_to_ids(self.slot_token)
 
     def control_tokens(self) -> set[str]:
         """Token strings user text must not contain: they would forge image slots."""
@@ -97,20 +96,16 @@ class ImageTokens:
         kwargs = self._image_kwargs(len(sizes), budget)
         with _refusals(sizes):
             tiles = [self.image_processor.get_number_of_image_patches(h, w, kwargs) for h, w in sizes]
-        return self._expand(prompt_text, tiles), sum(tiles)
+        return self._ids(prompt_text, tiles), sum(tiles)
 
     def encode(self, prompt_text: str, images: list, budget: int | None):
+        """(input ids, pixel values [tiles, ...], image grid or None) of the prompt and its images."""
         kwargs = self._image_kwargs(len(images), budget)
-        if self.processor is not None:
-            with _refusals([(im.height, im.width) for im in images]):
-                out = self.processor(text=[prompt_text], images=images, add_special_tokens=False,
-                                     return_tensors="pt", **kwargs)
-            return out["input_ids"][0].tolist(), out["pixel_values"].float(), out.get("image_grid_thw")
         with _refusals([(im.height, im.width) for im in images]):
             out = self.image_processor(images=images, return_tensors="pt", **kwargs)
         grid = out.get("image_grid_thw")
         tiles = grid.prod(-1).tolist() if grid is not None else out["num_patches"].tolist()
-        return self._expand(prompt_text, tiles), out["pixel_values"].float(), grid
+        return self._ids(prompt_text, tiles), out["pixel_values"].float(), grid
 
     def slots(self, tiles: int) -> int:
         """Image slots in a prompt whose images have `tiles` tiles (patches) in all."""
@@ -119,9 +114,24 @@ class ImageTokens:
     def _image_kwargs(self, images: int, budget: int | None) -> dict:
         return {}
 
-    def _expand(self, prompt_text: str, tiles: list[int]) -> list[int]:
-        """The processor's rule: each image token of the text -> that image's tokens; -> ids."""
-        raise NotImplementedError
+    def _ids(self, prompt_text: str, tiles: list[int]) -> list[int]:
+        """The processor's input ids for images of `tiles` tiles (patches) each."""
+        ids = self.tokenizer(prompt_text.replace(self.image_token, self.compact_image),
+                             add_special_tokens=False)["input_ids"]
+        return splice(ids, self.slot_id, [self.slots(n) for n in tiles])
+
+
+def splice(ids: list[int], slot: int, counts: list[int]) -> list[int]:
+    """`ids` with its k-th `slot` token repeated counts[k] times."""
+    at = [i for i, t in enumerate(ids) if t == slot]
+    if len(at) != len(counts):
+        raise BadPair("image_mismatch", f"{len(at)} image placeholders for {len(counts)} images")
+    out, start = [], 0
+    for i, n in zip(at, counts):
+        out += ids[start:i]
+        out += [slot] * n
+        start = i + 1
+    return out + ids[start:]
 
 
 @contextlib.contextmanager

@@ -3,7 +3,8 @@ Qwen2 or InternLM language model).
 
 Images: dynamic tiling by the GotOcr2 image processor (up to `max_patches` tiles + a thumbnail;
 several images in one prompt share the budget as InternVL does: max(1, budget // images) each);
-each image's placeholder becomes <img> + <IMG_CONTEXT> x (tokens per tile x tiles) + </img>.
+each image's placeholder becomes <img> + <IMG_CONTEXT> x (tokens per tile x tiles) + </img>
+(tokenized as <img><IMG_CONTEXT></img>, the one slot then repeated).
 Positions are plain 1-D.
 """
 
@@ -53,14 +54,13 @@ class InternVLImages(ImageTokens):
     knobs = ("max_patches",)
 
     def __init__(self, model_dir, tokenizer, config, options):
-        super().__init__(model_dir, tokenizer, config, options)
-        if self.processor is not None:
-            self.tokens_per_tile = self.processor.image_seq_length
-        else:  # what InternVLProcessor reads: processor_config.json's image_seq_length
-            path = Path(model_dir) / "processor_config.json"
-            self.tokens_per_tile = int((json.loads(path.read_text()) if path.is_file() else {})
-                                       .get("image_seq_length", 256))
         self.image_token = self.slot_token = tokenizer.context_image_token
+        self.compact_image = tokenizer.start_image_token + self.slot_token + tokenizer.end_image_token
+        super().__init__(model_dir, tokenizer, config, options)
+        # what InternVLProcessor reads: processor_config.json's image_seq_length, else its default
+        path = Path(model_dir) / "processor_config.json"
+        self.tokens_per_tile = int((json.loads(path.read_text()) if path.is_file() else {})
+                                   .get("image_seq_length", 256))
         self.default_max_patches = getattr(self.image_processor, "max_patches", None)
 
     def control_tokens(self) -> set[str]:
@@ -73,11 +73,3 @@ class InternVLImages(ImageTokens):
     def _image_kwargs(self, images: int, budget: int | None) -> dict:
         budget = budget if budget is not None else self.default_max_patches
         return {"crop_to_patches": True, **({"max_patches": max(1, budget // images)} if budget is not None else {})}
-
-    def _expand(self, prompt_text: str, tiles: list[int]) -> list[int]:
-        tok = self.tokenizer
-        parts = prompt_text.split(self.image_token)
-        text = parts[0]
-        for n, rest in zip(tiles, parts[1:], strict=True):
-            text += tok.start_image_token + self.image_token * (self.tokens_per_tile * n) + tok.end_image_token + rest
-        return tok(text, add_special_tokens=False)["input_ids"]

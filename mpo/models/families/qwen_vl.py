@@ -73,7 +73,8 @@ class QwenVL(Family):
 
 
 class QwenVLImages(ImageTokens):
-    image_token, slot_token = VISION_START + IMAGE_PAD + VISION_END, IMAGE_PAD
+    image_token = compact_image = VISION_START + IMAGE_PAD + VISION_END
+    slot_token = IMAGE_PAD
     knobs = ("min_pixels", "max_pixels")
 
     def __init__(self, model_dir, tokenizer, config, options):
@@ -94,10 +95,3 @@ class QwenVLImages(ImageTokens):
 
     def slots(self, tiles: int) -> int:
         return tiles // self.merge ** 2
-
-    def _expand(self, prompt_text: str, tiles: list[int]) -> list[int]:
-        parts = prompt_text.split(IMAGE_PAD)
-        text = parts[0]
-        for n, rest in zip(tiles, parts[1:], strict=True):
-            text += IMAGE_PAD * (n // self.merge ** 2) + rest
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
