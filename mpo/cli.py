@@ -146,7 +146,7 @@ def _index(args: argparse.Namespace) -> int:
     source = _data_source(args)
     key = index_key(args.model, source, rendering)
     path = index_path(args.index_dir, key)
-    if PairIndex.load(path, key) is not None:
+    if PairIndex.load(path, key, strict=args.strict) is not None:
         print(f"{path} already indexes this data for this model and rendering")
         return 0
     rejects = Rejects(path.with_name(path.stem + ".rejects.jsonl"), strict=args.strict)
@@ -251,17 +251,24 @@ SAMPLING_SETTINGS = ("samples", "max_pairs", "instruction", "format_negatives", 
 
 
 def _sampling(args: argparse.Namespace, source: Path, *, need: str, allow_outside_root: bool,
-              images_need_vision: bool):
-    """What `mpo pairs` and `mpo eval` start with: checked counts, the prompts (every line checked
-    before the model loads), the ranks and the sampler -> (records, ranks, sampler)."""
+              images_need_vision: bool, request):
+    """What `mpo pairs` and `mpo eval` start with: checked flags, the prompts (every line checked
+    before the model loads), the ranks, the sampler, and why each of this rank's prompts that must
+    not be sampled is refused (`mpo.pairs.prompts.refusal`; `request(record)`: what would be sampled
+    for it) -> (records, ranks, sampler, {id: BadPair})."""
+    import math
+
+    from mpo.data.records import BadPair
     from mpo.pairs.generate import Sampler
-    from mpo.pairs.prompts import read_prompts
+    from mpo.pairs.prompts import positions, read_prompts, refusal
     from mpo.pairs.run import Ranks
 
     _quiet_transformers()
     for flag in ("samples", "max_pairs", "batch_size", "max_new_tokens"):
         if getattr(args, flag, 1) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.temperature is not None and not 0 <= args.temperature < math.inf:
+        raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
     records = read_prompts(source, need=need, image_root=args.image_root, allow_outside_root=allow_outside_root)
     ranks = Ranks.init(args.device)
     sampler = Sampler.load(args.model, device=ranks.device, max_new_tokens=args.max_new_tokens,
@@ -269,25 +276,48 @@ def _sampling(args: argparse.Namespace, source: Path, *, need: str, allow_outsid
     with_images = next((r for r in records if r.images), None)
     if images_need_vision and with_images is not None and not sampler.renderer.vision:
         raise ValueError(f"{with_images.source}: the prompt has images but {args.model} is a text-only model")
-    return records, ranks, sampler
+    limit = positions(sampler.model.config)
+    if limit is not None and args.max_new_tokens >= limit:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt within the "
+                         f"{limit} positions of {args.model} (max_position_embeddings)")
+    try:
+        sampler.renderer.check_text(getattr(args, "instruction", None) or "")
+    except BadPair as bad:
+        raise ValueError(f"--instruction: {bad}") from None
+    refused = {}
+    for r in records[ranks.rank::ranks.world]:
+        bad = refusal(sampler.renderer, request(r), (r.question, r.chosen or ""), max_new_tokens=args.max_new_tokens,
+                      limit=limit, setting="--max-new-tokens")
+        if bad is not None:
+            refused[r.id] = bad
+    return records, ranks, sampler, refused
 
 
 def _pairs(args: argparse.Namespace) -> int:
-    from mpo.pairs.correctness import INSTRUCTION, correctness_process
-    from mpo.pairs.dropout_ntp import dropout_process
+    from mpo.data.records import DataError
+    from mpo.pairs.correctness import INSTRUCTION, asked, correctness_process
+    from mpo.pairs.dropout_ntp import continuation, dropout_process
     from mpo.pairs.run import build
 
     correctness = args.pairs_command == "correctness"
     if not correctness and not 0 < args.ratio < 1:
         raise ValueError(f"--ratio must be between 0 and 1, got {args.ratio}")
     source = Path(args.prompts if correctness else args.data)
-    records, ranks, sampler = _sampling(args, source, need="answer" if correctness else "chosen",
-                                        allow_outside_root=args.allow_outside_root, images_need_vision=correctness)
+    instruction = INSTRUCTION if getattr(args, "instruction", None) is None else args.instruction
+    request = (lambda r: asked([r], 1, instruction)[0]) if correctness else (lambda r: continuation(r, args.ratio))
+    records, ranks, sampler, refused = _sampling(args, source, need="answer" if correctness else "chosen",
+                                                 allow_outside_root=args.allow_outside_root,
+                                                 images_need_vision=correctness, request=request)
+    # a line the builder would turn into a pair training rejects, or one sampled past the model's
+    # positions, stops the run like any other bad line: the output holds only what training reads
+    if refused:
+        first = next(r for r in records if r.id in refused)
+        raise DataError(f"{first.source}: {refused[first.id]}")
     settings = {k: v for k, v in vars(args).items() if k in SAMPLING_SETTINGS}
     settings.update(builder=args.pairs_command, model=str(Path(args.model).resolve()), input=str(source.resolve()))
     if correctness:
         process = correctness_process(sampler, samples=args.samples, max_pairs=args.max_pairs,
-                                      instruction=INSTRUCTION if args.instruction is None else args.instruction,
+                                      instruction=instruction,
                                       temperature=args.temperature, format_negatives=args.format_negatives,
                                       truncated_negatives=args.truncated_negatives, seed=args.seed)
         chunk = max(1, args.batch_size // args.samples)
@@ -305,21 +335,22 @@ def _pairs(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from mpo.pairs.correctness import INSTRUCTION
+    from mpo.pairs.correctness import INSTRUCTION, asked
     from mpo.pairs.evaluate import eval_process, write_report
     from mpo.pairs.run import merged, run_prompts
 
     temperature = args.temperature if args.temperature is not None else 0.0 if args.samples == 1 else 1.0
     if temperature == 0 and args.samples > 1:
         raise ValueError(f"--samples {args.samples} with greedy decoding (--temperature 0) would repeat one response")
-    records, ranks, sampler = _sampling(args, Path(args.prompts), need="answer", allow_outside_root=True,
-                                        images_need_vision=True)
     instruction = INSTRUCTION if args.instruction is None else args.instruction
+    records, ranks, sampler, refused = _sampling(args, Path(args.prompts), need="answer",
+                                                 allow_outside_root=args.allow_outside_root, images_need_vision=True,
+                                                 request=lambda r: asked([r], 1, instruction)[0])
     settings = {k: v for k, v in vars(args).items() if k in SAMPLING_SETTINGS}
     settings.update(builder="eval", model=str(Path(args.model).resolve()),
                     input=str(Path(args.prompts).resolve()), temperature=temperature, instruction=instruction)
     process = eval_process(sampler, samples=args.samples, instruction=instruction, temperature=temperature,
-                           seed=args.seed)
+                           seed=args.seed, refused=refused)
     run_prompts(records, args.out, ranks=ranks, process=process, chunk=max(1, args.batch_size // args.samples),
                 desc="mpo eval", settings=settings)
     report = merged(ranks, lambda: write_report(args.out, [r.id for r in records], settings))
@@ -486,6 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32, help="sequences per generate call")
     p.add_argument("--image-root", help="folder relative image paths resolve against (default: the file's)")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="let image paths resolve outside --image-root")
     _add_image_args(p)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--seed", type=int, default=0)

@@ -4,6 +4,7 @@ records read back by location, and a stale index or changed data is never used s
 import json
 import os
 import random
+import re
 import shutil
 
 import numpy as np
@@ -13,7 +14,7 @@ from PIL import Image
 from mpo.data.dataset import PairDataset
 from mpo.data.formats import DataSource, read_pairs
 from mpo.data.index import PairIndex, build_index, fingerprint, index_key, index_path
-from mpo.data.packing import PackingOptions, fit_to_budget
+from mpo.data.packing import PackingOptions, fit_to_budget, pair_cost
 from mpo.data.records import BadPair, DataError, PreferencePair, Rejects
 from mpo.data.render import Renderer
 
@@ -174,7 +175,7 @@ def test_fit_to_budget_keeps_the_tile_count(tiny_models, demo_data):
     renderer = Renderer(tiny_models["internvl"])
     pair = next(read_pairs(demo_data / "meta.json", Rejects()))
     counted = renderer.render(pair, 0, pixels=False)
-    cut = fit_to_budget(counted, "prefix", len(counted.prompt_ids) + 2, "truncate")
+    cut = fit_to_budget(counted, "prefix", pair_cost(counted, "prefix") - 1, "truncate")
     assert cut is not counted and cut.tiles == counted.tiles > 0
 
 
@@ -211,3 +212,107 @@ def test_memory_does_not_grow_with_the_data(tmp_path, tiny_models):
         assert valid == n
     grown_mb = (peaks[100_000] - peaks[1_000]) / 1024  # ru_maxrss is in KiB on Linux
     assert grown_mb < 100, f"peak RSS grew {grown_mb:.0f} MB from 1k to 100k pairs"
+
+
+def _rewrite(path, change) -> None:
+    """The index file at `path` with `change(arrays)` applied, its metadata (and digest) kept."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    with safe_open(str(path), "np") as f:
+        arrays, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    change(arrays)
+    save_file(arrays, str(path), metadata)
+
+
+def _zero_fingerprints(path, rng):
+    def change(a):
+        valid = np.flatnonzero(a["fingerprint"])
+        a["fingerprint"][rng.sample(valid.tolist(), 2)] = 0
+    _rewrite(path, change)
+
+
+def _lower_token_counts(path, rng):
+    def change(a):
+        valid = a["fingerprint"] != 0
+        a["chosen"][valid] //= 3
+        a["rejected"][valid] //= 3
+    _rewrite(path, change)
+
+
+def _flip_a_byte(path, rng):
+    raw = bytearray(path.read_bytes())
+    data_start = 8 + int.from_bytes(raw[:8], "little")
+    raw[rng.randrange(data_start, len(raw))] ^= 1 << rng.randrange(8)
+    path.write_bytes(bytes(raw))
+
+
+def _truncate(path, rng):
+    raw = path.read_bytes()
+    path.write_bytes(raw[:rng.randrange(1, len(raw))])
+
+
+def _damage_the_header(path, rng):
+    raw = bytearray(path.read_bytes())
+    raw[8 + rng.randrange(4)] = 0xFF  # within the header's opening '{"__metadata__"'
+    path.write_bytes(bytes(raw))
+
+
+DAMAGE = {"zeroed fingerprints": _zero_fingerprints, "lowered token counts": _lower_token_counts,
+          "a flipped byte": _flip_a_byte, "a truncated file": _truncate, "a damaged header": _damage_the_header}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_index_is_built_again_or_refused(tmp_path, tiny_models, demo_data, capsys, random_seed, damage):
+    data, model = write_messy_data(tmp_path, demo_data), tiny_models["internvl"]
+    fresh = PairDataset.open(model, data, OPTS, Rejects(), index_dir=tmp_path / "fresh").index
+    [built] = (tmp_path / "fresh").glob("pairs-*.safetensors")
+    path = tmp_path / "index" / built.name
+    path.parent.mkdir()
+    path.write_bytes(built.read_bytes())
+    DAMAGE[damage](path, random.Random(random_seed))
+    assert path.read_bytes() != built.read_bytes()
+    capsys.readouterr()
+
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: damaged pair index"):
+        PairDataset.open(model, data, OPTS, Rejects(strict=True), index_dir=path.parent)
+    assert PairIndex.load(path, fresh.key) is None
+    assert capsys.readouterr().err.count(f"mpo: {path}: damaged pair index (") == 1
+
+    rejects = Rejects()
+    again = PairDataset.open(model, data, OPTS, rejects, index_dir=path.parent).index
+    err = capsys.readouterr().err
+    assert re.search(rf"^mpo: {re.escape(str(path))}: damaged pair index \(.+\); building it again$", err, re.M), err
+    assert path.read_bytes() == built.read_bytes()
+    assert all(np.array_equal(again.arrays[k], v) for k, v in fresh.arrays.items())
+    assert again.rejected == fresh.rejected == dict(rejects.counts) and again.truncated == fresh.truncated
+    assert PairIndex.load(path, fresh.key, strict=True) is not None and capsys.readouterr().err == ""
+
+
+def test_an_index_no_build_writes_is_damaged_though_its_digest_matches(tmp_path, tiny_models, demo_data, capsys):
+    data, model = write_messy_data(tmp_path, demo_data), tiny_models["internvl"]
+    key = index_key(model, data, RENDERING)
+    index = build_index(DataSource(data), model, RENDERING, Rejects(), key)
+    path = index_path(tmp_path, key)
+    first = int(index.valid[0])
+    for change, why in [("chosen", f"pair {first} is over the 4096-token row budget"),
+                        ("fingerprint", f"pair {first} has token counts but no fingerprint")]:
+        arrays = {k: v.copy() for k, v in index.arrays.items()}
+        arrays[change][first] = 4096 if change == "chosen" else 0
+        PairIndex(arrays, key, index.rejected, index.truncated).save(path)
+        with pytest.raises(ValueError, match=re.escape(f"{path}: damaged pair index ({why})")):
+            PairIndex.load(path, key, strict=True)
+        assert PairIndex.load(path, key) is None and why in capsys.readouterr().err
+
+
+def test_a_missing_or_other_index_is_built_quietly(tmp_path, tiny_models, demo_data, capsys):
+    model, data = tiny_models["qwen2"], tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q{i}", "chosen": f"yes {i}", "rejected": f"no {i}"}) + "\n"
+                            for i in range(5)))
+    key = index_key(model, data, RENDERING)
+    path = index_path(tmp_path, key)
+    assert PairIndex.load(path, key, strict=True) is None
+    build_index(DataSource(data), model, RENDERING, Rejects(), key).save(path)
+    other = index_key(model, data, {**RENDERING, "max_tokens": 1024})
+    assert PairIndex.load(path, other, strict=True) is None and PairIndex.load(path, key, strict=True) is not None
+    assert capsys.readouterr().err == ""

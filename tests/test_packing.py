@@ -2,9 +2,11 @@
 pair run alone, unpadded, through the stock model (its own attention, its own position ids), on
 tiny InternVL, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen2 and Llama models in fp32, with single-image,
 multi-image and text-only pairs (rows of text-only pairs run the vision tower on a blank image).
-The comparison is sharp enough to catch a one-position shift and any attention leak."""
+The comparison is sharp enough to catch a one-position shift and any attention leak. The over-long
+cut follows its rule at every budget."""
 
 import dataclasses
+import random
 
 import pytest
 import torch
@@ -12,9 +14,9 @@ from PIL import Image
 
 import mpo
 from mpo.data.formats import read_pairs
-from mpo.data.packing import CHOSEN, IGNORE, REJECTED, SHARED, pack_row, pair_cost
-from mpo.data.records import PreferencePair, Rejects
-from mpo.data.render import Renderer
+from mpo.data.packing import CHOSEN, IGNORE, REJECTED, SHARED, fit_to_budget, pack_row, pair_cost
+from mpo.data.records import BadPair, PreferencePair, Rejects
+from mpo.data.render import RenderedPair, Renderer
 from mpo.models.families import family_of
 from mpo.models.loading import lm_head, load_model, packed_hidden_states, pair_logps
 
@@ -180,3 +182,66 @@ def test_prefix_layout_structure(setup):
     assert plain.cu_seqlens.tolist() == [0, P + C - 1, plain.num_tokens]
     if p.pixel_values is not None:
         assert prefix.pixel_values.shape[0] == p.tiles and plain.pixel_values.shape[0] == 2 * p.tiles
+
+
+def cut_by_rule(P: int, chosen: list, rejected: list, layout: str, budget: int):
+    """What the over-long policy must do, one token at a time: cut the longer response (rejected on
+    a tie) until the pair fits; a pair whose responses cannot both keep a token is too long, one
+    whose cut responses are equal or one the start of the other has nothing to prefer."""
+    C, R = len(chosen), len(rejected)
+    cost = lambda: P + C + R - 1 if layout == "prefix" else 2 * P + C + R - 2
+    if cost() <= budget:
+        return C, R
+    while cost() > budget:
+        if C == R == 1:
+            return "too_long"
+        if C > R:
+            C -= 1
+        else:
+            R -= 1
+    shorter = min(C, R)
+    return "identical_responses" if chosen[:shorter] == rejected[:shorter] else (C, R)
+
+
+def outcome(pair, layout: str, budget: int):
+    try:
+        cut = fit_to_budget(pair, layout, budget, "truncate")
+    except BadPair as bad:
+        return bad.reason
+    assert cut.prompt_ids == pair.prompt_ids
+    assert cut.chosen_ids == pair.chosen_ids[:len(cut.chosen_ids)]
+    assert cut.rejected_ids == pair.rejected_ids[:len(cut.rejected_ids)]
+    return len(cut.chosen_ids), len(cut.rejected_ids)
+
+
+def token_pair(rng, prompt: int, chosen: list, rejected: list) -> RenderedPair:
+    return RenderedPair([rng.randrange(1, 50_000) for _ in range(prompt)], chosen, rejected, None)
+
+
+@pytest.mark.parametrize("layout", ["prefix", "plain"])
+def test_a_cut_that_leaves_rejected_the_start_of_chosen_is_rejected(random_seed, layout):
+    rng = random.Random(random_seed)
+    rejected = [rng.randrange(1, 50_000) for _ in range(rng.randrange(5, 200))]
+    pair = token_pair(rng, rng.randrange(1, 60), rejected + [rng.randrange(1, 50_000)], rejected)
+    fits = pair_cost(pair, layout)
+    assert outcome(pair, layout, fits) == (len(rejected) + 1, len(rejected))
+    assert outcome(pair, layout, fits - 1) == "identical_responses"  # cut to equal
+    with pytest.raises(BadPair, match="rejected the start of the other"):  # an odd room: chosen keeps one more
+        fit_to_budget(pair, layout, fits - 2, "truncate")
+
+
+@pytest.mark.parametrize("layout", ["prefix", "plain"])
+def test_the_overlong_cut_follows_its_rule_at_every_budget(random_seed, layout):
+    rng = random.Random(random_seed)
+    token = lambda: rng.randrange(1, 6)  # few distinct ids: responses often share their start
+    for _ in range(60):
+        shared = [token() for _ in range(rng.randrange(0, 12))]
+        chosen = shared + [token() for _ in range(rng.randrange(0, 6))]
+        rejected = shared + [token() for _ in range(rng.randrange(0, 6))]
+        if not chosen or not rejected or chosen == rejected:
+            continue
+        pair = token_pair(rng, rng.randrange(1, 5), chosen, rejected)
+        for budget in range(1, pair_cost(pair, layout) + 2):
+            where = (random_seed, chosen, rejected, len(pair.prompt_ids), budget)
+            assert outcome(pair, layout, budget) == cut_by_rule(len(pair.prompt_ids), chosen, rejected, layout,
+                                                                budget), where

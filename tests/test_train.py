@@ -89,9 +89,12 @@ def mixed_data(tmp_path, demo_data):
 
 
 def eval_prompts(tmp_path, demo_data, n):
-    """n questions with images (absolute paths), for data.eval_prompts."""
+    """n questions with images (copied beside the file: inside its image root), for data.eval_prompts."""
     lines = (demo_data / "annotations" / "count_train.jsonl").read_text().splitlines()[:n]
-    records = [{**r, "image": str(demo_data / r["image"])} for r in map(json.loads, lines)]
+    records = list(map(json.loads, lines))
+    for r in records:
+        (tmp_path / r["image"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(demo_data / r["image"], tmp_path / r["image"])
     path = tmp_path / "questions.jsonl"
     path.write_text("".join(json.dumps({k: r[k] for k in ("question", "answer", "image")}) + "\n" for r in records))
     return path

@@ -75,7 +75,7 @@ class PairDataset(torch.utils.data.Dataset):
         if group is None or group.world == 1:
             key = index_key(model_dir, data, rendering)
             path = index_path(index_dir, key) if index_dir else None
-            index = PairIndex.load(path, key) if path else None
+            index = PairIndex.load(path, key, strict=rejects.strict) if path else None
             if index is None:
                 index = build_index(source, model_dir, rendering, rejects, key, workers=workers)
                 if path:
@@ -86,7 +86,7 @@ class PairDataset(torch.utils.data.Dataset):
         main = group.rank == 0
         key = group.share(index_key(model_dir, data, rendering) if main else None)  # rank 0 reads the files
         path = index_path(index_dir, key)
-        if not group.share(main and PairIndex.load(path, key) is not None):
+        if not group.share(main and PairIndex.load(path, key, strict=rejects.strict) is not None):
             part = measure(source, model_dir, rendering, shard=(group.rank, group.world), strict=rejects.strict,
                            workers=workers)
             if not main:
@@ -98,7 +98,7 @@ class PairDataset(torch.utils.data.Dataset):
                 for p in path.parent.glob(part_path(path, "*", "*").name):  # a failed build's too
                     p.unlink()
             group.sync()
-        index = PairIndex.load(path, key)
+        index = PairIndex.load(path, key, strict=True)  # rank 0 found it whole or wrote it: damage here stops
         if index is None:
             raise FileNotFoundError(f"{path}: rank 0 wrote this pair index but rank {group.rank} cannot read it; "
                                     "the index folder (the run folder or data.index_dir) must be on a file system "

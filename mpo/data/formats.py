@@ -14,6 +14,10 @@
   rejected as one assistant message each; from JSONL, Parquet, or a folder saved by `datasets`.
   Images: paths (relative to the file's folder), encoded bytes, {"bytes", "path"} dicts (the
   `datasets` Image feature) or PIL images.
+
+Data files are opened only when they are regular files (symlinks followed): a FIFO would block the
+open and a device (/dev/zero) would read without end. A line longer than MAX_LINE_BYTES is a bad
+record, read past in chunks, never held whole: images are files, not inline text.
 """
 
 from __future__ import annotations
@@ -22,11 +26,15 @@ import json
 import math
 import os
 import random
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from mpo.data.records import IMAGE_TOKEN, BadPair, DataError, PreferencePair, Rejects, check_responses
+
+MAX_LINE_BYTES = 64 << 20
+MAX_REPEAT = 1000  # repeat_time: far above MMPR's own (at most a few), far below a read that never ends
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,8 @@ class DataSource:
             raise FileNotFoundError(f"preference data not found: {self.path}")
         outside = allow_outside_root
         base = Path(image_root) if image_root else None
+        if not self.path.is_dir():
+            check_regular_file(self.path)
         if self.path.is_dir():
             self.sources = [Source("dataset", self.path, base or self.path, allow_outside=outside)]
         elif self.path.suffix == ".json":
@@ -90,10 +100,13 @@ class DataSource:
             for offset, line, raw in self._rows(src):
                 where = Location(number, offset, line)
                 try:
+                    if isinstance(raw, BadPair):
+                        raise raw
                     yield where, self._pair(src, where, raw)
                 except BadPair as bad:
                     text = raw.decode("utf-8", "replace").rstrip("\r\n") if isinstance(raw, bytes) else None
-                    rejects.add(self._source_name(src, line), bad, text or _json_or_repr(raw))
+                    shown = None if raw is bad else text or _json_or_repr(raw)
+                    rejects.add(self._source_name(src, line), bad, shown)
 
     def read(self, where: Location) -> PreferencePair:
         """The pair at `where` (it was valid when located; a file changed since is an error)."""
@@ -122,10 +135,11 @@ class DataSource:
         return f"{src.path}:{line}" if src.kind in ("mmpr", "jsonl") else f"{src.path}:row {line}"
 
     def _rows(self, src: Source) -> Iterator[tuple[int, int, object]]:
-        """(offset, line or row number, the line's bytes or the row's dict) of a source, in order."""
+        """(offset, line or row number, the line's bytes, the row's dict, or the BadPair of a line
+        too long to read) of a source, in order."""
         if src.kind in ("mmpr", "jsonl"):
             for keep in _passes(src.path, src.repeat, src.sample_seed):
-                yield from _lines(src.path, keep)
+                yield from file_lines(src.path, keep)
         else:
             parquet = src.kind == "parquet"
             rows = _parquet_records(src.path) if parquet else _load_dataset(src.path, self.split)
@@ -170,6 +184,17 @@ def _resolve(meta_dir: Path, relative: str) -> Path:
     return Path(relative)
 
 
+def check_regular_file(path: Path) -> None:
+    """FileNotFoundError or ValueError unless `path` is a regular file (symlinks followed), checked
+    before any open: opening a FIFO blocks until a writer comes, and a device may never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"file not found: {path}") from None
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{path}: not a regular file (a FIFO, device or socket); data is read from files only")
+
+
 def _mmpr_meta_sources(path: Path, seed: int, allow_outside: bool) -> list[Source]:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
@@ -183,16 +208,21 @@ def _mmpr_meta_sources(path: Path, seed: int, allow_outside: bool) -> list[Sourc
         if not isinstance(entry, dict) or not isinstance(entry.get("annotation"), str):
             raise ValueError(f"{where}: needs an 'annotation' path")
         repeat = entry.get("repeat_time", 1)
-        if isinstance(repeat, bool) or not isinstance(repeat, (int, float)) or not 0 < repeat < math.inf:
-            raise ValueError(f"{where}: repeat_time must be a finite number > 0, got {repeat!r}")
+        if isinstance(repeat, bool) or not isinstance(repeat, (int, float)) or not 0 < repeat <= MAX_REPEAT:
+            raise ValueError(f"{where}: repeat_time must be a finite number > 0 and at most {MAX_REPEAT} (the times "
+                             f"the annotation file is read), got {repeat!r}")
         max_patches = entry.get("max_dynamic_patch")
         if max_patches is not None and (not isinstance(max_patches, int) or max_patches < 1):
             raise ValueError(f"{where}: max_dynamic_patch must be an integer >= 1, got {max_patches!r}")
         annotation = _resolve(path.parent, entry["annotation"])
         root = _resolve(path.parent, entry.get("root", ""))
-        if not annotation.is_file():
+        if not annotation.exists():
             missing = path.parent / entry["annotation"]
             raise FileNotFoundError(f"{where}: annotation file not found: {missing}")
+        try:
+            check_regular_file(annotation)
+        except ValueError as e:
+            raise ValueError(f"{where}: annotation {e}") from None
         sources.append(Source("mmpr", annotation, root, float(repeat), max_patches, f"{seed}:{name}", allow_outside))
     return sources
 
@@ -212,28 +242,37 @@ def _passes(path: Path, repeat: float, seed) -> Iterator[set | None]:
         yield set(random.Random(f"mpo-repeat:{seed}").sample(range(1, n + 1), k))
 
 
-def _lines(path: Path, keep: set | None) -> Iterator[tuple[int, int, bytes]]:
-    """(byte offset, line number, bytes) of the non-blank lines of a file (only those in `keep`)."""
-    offset = 0
+def file_lines(path: Path, keep: set | None = None) -> Iterator[tuple[int, int, bytes | BadPair]]:
+    """(byte offset, line number, bytes) of the non-blank lines of a regular file (only those in
+    `keep`); a line longer than MAX_LINE_BYTES comes as the BadPair saying so, its bytes skipped."""
+    offset, line_no = 0, 0
     with path.open("rb") as f:
-        for line_no, raw in enumerate(f, 1):
+        while raw := f.readline(MAX_LINE_BYTES + 1):
+            line_no += 1
             start, offset = offset, offset + len(raw)
-            if (keep is None or line_no in keep) and raw.strip():
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                while not raw.endswith(b"\n") and (raw := f.readline(1 << 20)):
+                    offset += len(raw)
+                if keep is None or line_no in keep:
+                    yield start, line_no, BadPair("malformed_json", f"the line is longer than {MAX_LINE_BYTES >> 20} "
+                                                                    "MiB (images belong in files)")
+            elif (keep is None or line_no in keep) and raw.strip():
                 yield start, line_no, raw
 
 
 def _line_at(fd: int, offset: int) -> bytes:
     """The line starting at `offset` (positioned reads: no buffer that could hold stale bytes, no
     file position shared with forked workers)."""
-    parts = []
-    while True:
+    parts, size = [], 0
+    while size <= MAX_LINE_BYTES:
         chunk = os.pread(fd, 1 << 16, offset)
         end = chunk.find(b"\n")
         if end >= 0 or not chunk:
             parts.append(chunk if end < 0 else chunk[:end + 1])
             return b"".join(parts)
         parts.append(chunk)
-        offset += len(chunk)
+        offset, size = offset + len(chunk), size + len(chunk)
+    raise BadPair("malformed_json", f"the line is longer than {MAX_LINE_BYTES >> 20} MiB")
 
 
 def _decode(raw: bytes) -> str:
@@ -413,14 +452,13 @@ def _image_path(src: Source, name: str) -> Path:
 
 
 def _first_record_keys(path: Path) -> set:
-    with path.open("rb") as f:
-        for line in f:
-            try:
-                obj = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue
-            if isinstance(obj, dict):
-                return set(obj)
+    for _, _, line in file_lines(path):
+        try:
+            obj = json.loads(line) if isinstance(line, bytes) else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(obj, dict):
+            return set(obj)
     return set()
 
 

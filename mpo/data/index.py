@@ -16,15 +16,18 @@ fingerprint 0, so per-pair outputs (reference log-probs) stay aligned with the d
 
 The file is keyed by the data files' contents, the tokenizer and processor files and the
 rendering options, and named by a hash of that key, so any number of indexes share a folder and
-every command finds the one it can use. Workers render in parallel (`workers` processes, in
-chunks, a bounded number in flight); rejected records are counted and listed in data order
-whatever the worker count.
+every command finds the one it can use. Its metadata holds a digest of its contents, checked when
+it is read, as is what no build writes (a pair over the row budget, counts without a fingerprint):
+a damaged index is built again, or refused in strict mode, never trusted. Workers render in
+parallel (`workers` processes, in chunks, a bounded number in flight); rejected records are
+counted and listed in data order whatever the worker count.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from array import array
 from collections import Counter, deque
@@ -147,23 +150,83 @@ class PairIndex:
         # one metadata entry: safetensors writes several in no fixed order, and the same index
         # should be the same bytes
         about = {"key": self.key, "rejected": self.rejected, "truncated": self.truncated}
+        about["digest"] = _digest(self.arrays, about)
         save_atomic({k: torch.from_numpy(v) for k, v in self.arrays.items()}, path,
                     {"index": json.dumps(about, sort_keys=True)})
 
     @classmethod
-    def load(cls, path: Path, key: dict) -> PairIndex | None:
-        """The index at `path` when it was built from this data the same way, else None."""
-        from safetensors import safe_open
+    def load(cls, path: Path, key: dict, *, strict: bool = False) -> PairIndex | None:
+        """The index at `path` when it was built from this data the same way, else None (build it).
+        A damaged one (unreadable, its contents not what was saved, or not what a build writes) is
+        None with a notice on stderr, or a ValueError naming it when `strict`."""
+        from safetensors import SafetensorError
 
         if not path.is_file():
             return None
+        try:
+            return cls._read(path, key)
+        except (SafetensorError, OSError, ValueError) as e:  # a JSONDecodeError is a ValueError
+            why = str(e).splitlines()[0]
+        if strict:
+            raise ValueError(f"{path}: damaged pair index ({why}); delete it to build it again") from None
+        print(f"mpo: {path}: damaged pair index ({why}); building it again", file=sys.stderr)
+        return None
+
+    @classmethod
+    def _read(cls, path: Path, key: dict) -> PairIndex | None:
+        """The index at `path`, None when it is another key's; ValueError saying why when damaged."""
+        from safetensors import safe_open
+
         with safe_open(str(path), "np") as f:
-            about = json.loads((f.metadata() or {}).get("index", "{}"))
-            if json.dumps(about.get("key"), sort_keys=True) != json.dumps(key, sort_keys=True) or \
-                    set(f.keys()) != set(FIELDS):
+            about = json.loads((f.metadata() or {}).get("index", "null"))
+            if not isinstance(about, dict):
+                raise ValueError("no index metadata")
+            if json.dumps(about.get("key"), sort_keys=True) != json.dumps(key, sort_keys=True):
                 return None
+            if "digest" not in about:  # written before indexes carried one: stale, not damaged
+                return None
+            if set(f.keys()) != set(FIELDS):
+                raise ValueError(f"arrays {sorted(f.keys())}, not {sorted(FIELDS)}")
             arrays = {k: f.get_tensor(k) for k in FIELDS}
-        return cls(arrays, key, about["rejected"], about["truncated"])
+        for name, code in FIELDS.items():
+            if arrays[name].dtype != np.dtype(code) or arrays[name].ndim != 1:
+                raise ValueError(f"array {name} is {arrays[name].dtype} {list(arrays[name].shape)}, "
+                                 f"not a {np.dtype(code)} column")
+        if len({len(a) for a in arrays.values()}) != 1:
+            raise ValueError("arrays of unequal lengths")
+        if not isinstance(about.get("rejected"), dict) or not isinstance(about.get("truncated"), int):
+            raise ValueError("no reject counts in its metadata")
+        if _digest(arrays, about) != about["digest"]:
+            raise ValueError("contents differ from their digest")
+        index = cls(arrays, key, about["rejected"], about["truncated"])  # no valid pair: a ValueError
+        index._check_buildable()
+        return index
+
+    def _check_buildable(self) -> None:
+        """ValueError for what no build writes: a matching digest vouches only for whoever wrote last."""
+        a, rendering = self.arrays, self.key["rendering"]
+        gone = a["fingerprint"] == 0
+        over = np.flatnonzero(~gone & (self.cost(rendering["packing"]) > rendering["max_tokens"]))
+        if len(over):
+            raise ValueError(f"pair {over[0]} is over the {rendering['max_tokens']}-token row budget")
+        counts = np.stack([a[name] for name in MEASURED[:-1]])
+        if (counts < 0).any():
+            raise ValueError("negative token or tile counts")
+        odd = np.flatnonzero(gone & counts.any(axis=0))
+        if len(odd):
+            raise ValueError(f"pair {odd[0]} has token counts but no fingerprint")
+        if int(gone.sum()) > sum(self.rejected.values()):
+            raise ValueError(f"{int(gone.sum())} pairs marked rejected, {sum(self.rejected.values())} rejects listed")
+
+
+def _digest(arrays: dict[str, np.ndarray], about: dict) -> str:
+    """blake2b of the arrays' bytes in FIELDS order and the metadata beside them."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in FIELDS:
+        h.update(f"{name}:".encode())
+        h.update(np.ascontiguousarray(arrays[name]))
+    h.update(json.dumps({k: v for k, v in about.items() if k != "digest"}, sort_keys=True).encode())
+    return h.hexdigest()
 
 
 # --- building it --------------------------------------------------------------------------------------------

@@ -65,7 +65,8 @@ def plain_cost(pair: RenderedPair) -> int:
 
 def fit_to_budget(pair: RenderedPair, layout: str, max_tokens: int, policy: str) -> RenderedPair:
     """Apply the over-long policy: 'truncate' cuts the responses (the longer one first, never the
-    prompt) until the pair fits; 'drop' (or a prompt that cannot fit) raises BadPair('too_long')."""
+    prompt) until the pair fits; 'drop' (or a prompt that cannot fit) raises BadPair('too_long'), a
+    cut that leaves the responses equal or one the start of the other BadPair('identical_responses')."""
     cost = pair_cost(pair, layout)
     if cost <= max_tokens:
         return pair
@@ -82,8 +83,13 @@ def fit_to_budget(pair: RenderedPair, layout: str, max_tokens: int, policy: str)
         C = room - R
     else:
         C, R = (room + 1) // 2, room // 2
-    if pair.chosen_ids[:C] == pair.rejected_ids[:R]:
-        raise BadPair("identical_responses", f"after cutting both to fit {max_tokens} tokens")
+    # A response cut to the start of the other leaves the pair nothing of its own to reject: the
+    # rejected terms would push down tokens the chosen response has too. Equal cut lengths make them
+    # equal, unequal ones (the odd token of an odd room goes to chosen) a prefix.
+    n = min(C, R)
+    if pair.chosen_ids[:n] == pair.rejected_ids[:n]:
+        start = "" if C == R else f", {'rejected' if R < C else 'chosen'} the start of the other"
+        raise BadPair("identical_responses", f"after cutting both to fit {max_tokens} tokens{start}")
     return dataclasses.replace(pair, chosen_ids=pair.chosen_ids[:C], rejected_ids=pair.rejected_ids[:R])
 
 

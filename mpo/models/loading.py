@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import struct
 from pathlib import Path
 
 import torch
@@ -74,8 +75,11 @@ def model_from_gguf(folder: str | Path, gguf_file: str, out: str | Path) -> Path
     of plain fp32 safetensors weights and its tokenizer: transformers dequantizes on load."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    except (struct.error, ValueError) as e:  # a file cut short fails in the header's unpacking or a tensor's reshape
+        raise ValueError(f"{Path(folder) / gguf_file}: not a readable GGUF file (truncated or damaged?): {e}") from None
     config = quantized.config
     del config.quantization_config  # dequantized: saved as plain weights
     model = AutoModelForCausalLM.from_config(config)

@@ -31,26 +31,33 @@ def without_images(question: str) -> str:
     return "\n".join(line for line in question.replace(IMAGE_TOKEN, "").split("\n") if line.strip()).strip()
 
 
+def continuation(record: PromptRecord, ratio: float) -> Request | None:
+    """The request continuing the record's cut chosen response without its images; None when the
+    response cannot be cut."""
+    prefix = cut(record.chosen, ratio)
+    if prefix is None:
+        return None
+    return Request(record.id, ({"role": "user", "content": without_images(record.question)},), response_prefix=prefix)
+
+
 def dropout_process(sampler: Sampler, *, ratio: float = 0.5, temperature: float = 1.0, seed: int = 0):
     """The per-chunk step of `mpo pairs dropout-ntp` (see `mpo.pairs.run.build`)."""
     def process(chunk: list[PromptRecord]) -> list[dict]:
-        prefixes = {r.id: cut(r.chosen, ratio) for r in chunk}
-        todo = [r for r in chunk if prefixes[r.id] is not None]
-        requests = [Request(r.id, ({"role": "user", "content": without_images(r.question)},),
-                            response_prefix=prefixes[r.id]) for r in todo]
-        continuations = dict(zip((r.id for r in todo), sampler.generate(requests, temperature=temperature, seed=seed)))
+        requests = {r.id: continuation(r, ratio) for r in chunk}
+        todo = [q for q in requests.values() if q is not None]
+        continuations = dict(zip((q.key for q in todo), sampler.generate(todo, temperature=temperature, seed=seed)))
         results = []
         for r in chunk:
             counts: Counter = Counter(prompts=1)
             pairs = []
-            if prefixes[r.id] is None:
+            if requests[r.id] is None:
                 counts["too_short"] += 1
             elif isinstance(continuations[r.id], BadPair):
                 counts[continuations[r.id].reason] += 1
             elif not continuations[r.id].text.strip():
                 counts["empty_continuation"] += 1
             else:
-                rejected = prefixes[r.id] + continuations[r.id].text
+                rejected = requests[r.id].response_prefix + continuations[r.id].text
                 if rejected.strip() == r.chosen.strip():
                     counts["identical"] += 1
                 else:

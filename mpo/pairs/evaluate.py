@@ -5,7 +5,9 @@ the same instruction and is rendered and sampled the same way (`mpo.pairs.genera
 the same rules (`mpo.pairs.answers`), so what the pair builder calls correct is what this counts.
 Greedy decoding by default; with K samples per question, `accuracy` is the mean share of correct
 samples (an estimate of pass@1) and `pass@K` the share of questions with a correct sample.
-A question that cannot be rendered (an unreadable image) counts as answered wrongly, with its reason.
+A question that cannot be rendered (an unreadable image), or that is refused before sampling (a
+special token of the tokenizer typed into it, no room for the answer within the model's positions:
+`mpo.pairs.prompts.refusal`), counts as answered wrongly, with its reason and its file:line.
 Sharded over `torchrun` ranks and resumable like the pair builders (`mpo.pairs.run`); rank 0 writes
   OUT/eval.json      accuracy, pass@K, the share of responses with the "Final answer:" trigger and
                      of truncated ones (no end-of-turn within --max-new-tokens), per-reason counts
@@ -28,12 +30,18 @@ from mpo.pairs.output import read_results
 from mpo.pairs.prompts import PromptRecord
 
 
-def eval_process(sampler: Sampler, *, samples: int, instruction: str, temperature: float, seed: int):
-    """The per-chunk step of `mpo eval` (see `mpo.pairs.run.run_prompts`)."""
+def eval_process(sampler: Sampler, *, samples: int, instruction: str, temperature: float, seed: int,
+                 refused: dict[str, BadPair] | None = None):
+    """The per-chunk step of `mpo eval` (see `mpo.pairs.run.run_prompts`); `refused`: the questions
+    not to sample, by id, with the reason."""
+    refused = refused or {}
+
     def process(chunk: list[PromptRecord]) -> list[dict]:
-        done = sampler.generate(asked(chunk, samples, instruction), temperature=temperature, seed=seed)
-        return [judge(r, question_with_instruction(r.question, instruction), done[k * samples:(k + 1) * samples])
-                for k, r in enumerate(chunk)]
+        todo = [r for r in chunk if r.id not in refused]
+        done = iter(sampler.generate(asked(todo, samples, instruction), temperature=temperature, seed=seed))
+        return [judge(r, question_with_instruction(r.question, instruction),
+                      [refused[r.id]] if r.id in refused else [next(done) for _ in range(samples)])
+                for r in chunk]
     return process
 
 
@@ -43,7 +51,7 @@ def judge(record: PromptRecord, question: str, completions: list) -> dict:
             "image": [str(p) for p in record.images]}
     bad = next((c for c in completions if isinstance(c, BadPair)), None)
     if bad is not None:
-        return {**item, "error": str(bad), "counts": {"questions": 1, bad.reason: 1}}
+        return {**item, "error": f"{record.source}: {bad}", "counts": {"questions": 1, bad.reason: 1}}
     verdicts = [verdict(c.text, record.answer) for c in completions]
     counts = Counter(verdicts + ["truncated" for c in completions if c.truncated])
     counts.update(questions=1, responses=len(completions))

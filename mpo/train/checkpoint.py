@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from mpo.atomic import save_atomic
-from mpo.train.distributed import Dist, all_gather_objects, barrier
-from mpo.train.state import load_state, save_state
+from mpo.train.distributed import Dist, Phase, all_gather_objects, barrier
+from mpo.train.state import load_state, read_tensors, save_state
 
 
 def remove_partial(run_dir: Path) -> None:
@@ -69,10 +69,13 @@ def verify(ckpt: Path, dist: Dist) -> None:
     damaged = []
     for name in _mine(sorted(recorded), dist):
         path = ckpt / name
-        if not path.is_file():
+        try:
+            if _sha256(path) != recorded[name]:
+                damaged.append(f"{path}: damaged (its SHA-256 is not the one recorded when it was written)")
+        except FileNotFoundError:
             damaged.append(f"{path}: missing")
-        elif _sha256(path) != recorded[name]:
-            damaged.append(f"{path}: damaged (its SHA-256 is not the one recorded when it was written)")
+        except OSError as e:  # listed like the damage, so that this rank still reaches the others' gather
+            damaged.append(f"{path}: unreadable ({e.strerror})")
     damaged = sorted(x for rank in all_gather_objects(damaged) for x in rank)
     if damaged:
         earlier = [p.name for p in checkpoints(ckpt.parent) if p != ckpt]
@@ -101,32 +104,62 @@ def _set_rng_state(tensors: dict, plain: dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
 
 
+def _together(work, tmp: Path, dist: Dist) -> list:
+    """-> every rank's `work()`; the ranks' meeting point. A write that fails on any rank (an OSError:
+    a full disk, a file-size limit) fails on every rank, so none is left waiting for one that stopped,
+    and rank 0 first removes the half-written folder (before the others end: a launcher such as
+    torchrun stops the remaining ranks as soon as one exits)."""
+    error = result = None
+    try:
+        result = work()
+    except OSError as e:
+        error = e
+    outcomes = all_gather_objects((None if error is None else str(error), result))
+    failed = [f"rank {r}: {message}" if dist.world > 1 else message
+              for r, (message, _) in enumerate(outcomes) if message is not None]
+    if failed:
+        if dist.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
+        raise error if error is not None else OSError(failed[0])
+    return [r for _, r in outcomes]
+
+
 def save(engine, run_dir: Path, step: int, trainer_state: dict, dist: Dist, *, zero_stage: int, keep_last: int) -> Path:
     final = run_dir / f"checkpoint-{step}"
     tmp = run_dir / f".checkpoint-{step}.tmp"
-    if dist.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    save_state(engine.optimizer.state_dict(), tmp / f"optimizer.rank{dist.rank}")
-    rng_tensors, rng_plain = _rng_state()
-    save_state({"tensors": rng_tensors, "plain": rng_plain}, tmp / f"rng.rank{dist.rank}")
-    if dist.main:
-        if zero_stage < 3:
-            trainable = {n: p.detach().cpu().clone() for n, p in engine.module.named_parameters() if p.requires_grad}
-            save_atomic(trainable, tmp / "model.safetensors")
-        (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
-    barrier()
-    names = sorted(p.name for p in tmp.iterdir())
-    digests = {n: h for rank in all_gather_objects({n: _sha256(tmp / n) for n in _mine(names, dist)})
-               for n, h in rank.items()}
-    if dist.main:
-        (tmp / "digests.json").write_text(json.dumps(digests, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old)
-    barrier()
+
+    def start():
+        if dist.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+
+    def write() -> dict[str, str]:
+        """This rank's files; -> their digests (and on rank 0 those of the shared files)."""
+        save_state(optimizer_state, tmp / f"optimizer.rank{dist.rank}")
+        rng_tensors, rng_plain = _rng_state()
+        save_state({"tensors": rng_tensors, "plain": rng_plain}, tmp / f"rng.rank{dist.rank}")
+        if dist.main:
+            if zero_stage < 3:
+                trainable = {n: p.detach().cpu().clone() for n, p in engine.module.named_parameters()
+                             if p.requires_grad}
+                save_atomic(trainable, tmp / "model.safetensors")
+            (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
+        # this rank's own files are complete whatever the others have written so far
+        return {n: _sha256(tmp / n) for n in _mine(sorted(p.name for p in tmp.iterdir()), dist)}
+
+    def finish(digests: dict[str, str]):
+        if dist.main:
+            (tmp / "digests.json").write_text(json.dumps(digests, indent=1))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in checkpoints(run_dir)[:-keep_last]:
+                shutil.rmtree(old)
+
+    optimizer_state = engine.optimizer.state_dict()
+    _together(start, tmp, dist)
+    digests = {n: h for rank in _together(write, tmp, dist) for n, h in rank.items()}
+    _together(lambda: finish(digests), tmp, dist)
     return final
 
 
@@ -153,15 +186,21 @@ class RankStates(Sequence):
 
 
 def load(engine, ckpt: Path, dist: Dist, *, zero_stage: int) -> dict:
-    """Restore optimizer (and, below ZeRO-3, the weights) and RNG; returns trainer.json's state."""
+    """Restore optimizer (and, below ZeRO-3, the weights) and RNG; returns trainer.json's state.
+    Each rank reads its own files, which only it may find unreadable (a damaged header under digests
+    rewritten to match it): a phase, so that such a failure ends every rank instead of leaving the
+    others in DeepSpeed's collectives or training on alone."""
+    with Phase(dist, f"reading {ckpt}"):
+        return _load(engine, ckpt, dist, zero_stage=zero_stage)
+
+
+def _load(engine, ckpt: Path, dist: Dist, *, zero_stage: int) -> dict:
     state = json.loads((ckpt / "trainer.json").read_text())
     if state.get("world_size") != dist.world:
         raise ValueError(f"{ckpt} was written by {state.get('world_size')} ranks; resuming needs the same number "
                          f"(this run has {dist.world})")
     if zero_stage < 3:
-        from safetensors.torch import load_file
-
-        weights = load_file(str(ckpt / "model.safetensors"))
+        weights = read_tensors(ckpt / "model.safetensors")
         missing = engine.module.load_state_dict(weights, strict=False).missing_keys
         trainable = {n for n, p in engine.module.named_parameters() if p.requires_grad}
         if trainable & set(missing):

@@ -77,7 +77,7 @@ class DataConfig:
 class LossConfig:
     types: list[str] = opt(list(MPO_LOSS_TYPES), "loss types combined (sigmoid, bco_pair, sft, hinge, ipo, ...)")
     weights: list[float] = opt(list(MPO_LOSS_WEIGHTS), "one weight per loss type")
-    beta: float = opt(0.1, "KL weight beta of the implicit reward", low=1e-12)
+    beta: float = opt(0.1, "KL weight beta of the implicit reward", low=1e-12, high=100.0)
     sft_normalization: str = opt("sequence", "sft term: per response (the paper's Eq. 8) or per chosen token (TRL)",
                                  choices=("sequence", "token"))
     label_smoothing: float = opt(0.0, "label smoothing (cDPO / robust / exo_pair)", low=0.0, high=0.5)
@@ -326,6 +326,12 @@ def validate(cfg: Config) -> None:
         check_loss_spec(cfg.loss.types, cfg.loss.weights)
     except ValueError as e:
         raise ValueError(f"loss.types / loss.weights: {e}") from None
+    # a negative weight maximises its loss; all zero trains nothing while the run looks fine
+    if any(w < 0 for w in cfg.loss.weights) or not any(cfg.loss.weights):
+        raise ValueError(f"loss.weights: each weight must be >= 0 and one > 0, got {cfg.loss.weights}")
+    if cfg.lora.r and cfg.lora.alpha <= 0:
+        raise ValueError(f"lora.alpha: the adapters' update is scaled by alpha / r, so alpha {cfg.lora.alpha} "
+                         "would train and export the base model unchanged; set lora.alpha > 0")
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
         raise ValueError(f"optim.betas: two values in [0, 1) expected, got {cfg.optim.betas}")
     if cfg.model.load_in_4bit:

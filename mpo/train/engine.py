@@ -93,8 +93,10 @@ def _check_owned(extra: dict, generated: dict, path: Path) -> None:
             value = value.get(k, _ABSENT) if isinstance(value, dict) else _ABSENT
             mine = mine.get(k, _ABSENT) if isinstance(mine, dict) else _ABSENT
         if value is not _ABSENT and value != mine:
-            raise ValueError(f"deepspeed.config: {path} sets {'.'.join(keys)} = {value!r}, but this run derives it "
-                             f"({mine!r}) from {instead}: set that instead")
+            # the optimizer, scheduler and train_batch_size are not in the generated config: no value to show
+            mine = "" if mine is _ABSENT else f" ({mine!r})"
+            raise ValueError(f"deepspeed.config: {path} sets {'.'.join(keys)} = {value!r}, but this run derives it"
+                             f"{mine} from {instead}: set that instead")
 
 
 

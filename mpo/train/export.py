@@ -14,8 +14,9 @@ one per tensor). That plan, made from the parameters' shapes alone (ZeRO-3's `ds
 every file name, the index and the order of the gathers before anything is gathered; the
 parameters are then gathered one at a time (a LoRA layer's weight together with its two
 adapters, merged as they arrive), copied to rank 0's host, converted, and each shard is written
-as soon as its last tensor arrives. Host memory: about one shard plus one parameter (the default
-shard size is save_pretrained's, 50 GB).
+as soon as its last tensor arrives. Host memory: about one shard plus one parameter (the trainer's
+shard size is `checkpoint.export_shard_gb`, 5 GB by default; this module's default is
+save_pretrained's, 50 GB).
 
 A LoRA run's adapters are merged into final/ and also saved alone in peft's layout under
 final/adapter/. A QLoRA run's 4-bit base is dequantized first: final/ is the merged model in the

@@ -9,7 +9,9 @@ Under ZeRO-3 each layer's weights are gathered collectively, so every rank must 
 of forward passes through the same modules: the shares are padded to equal length (the padding's
 answers are dropped), `generate` keeps finished ranks stepping until all are done (`synced_gpus`),
 and the sampler gives a batch that would skip the vision tower a blank image. Every question is
-rendered once when the run starts, so a bad image stops the run then, naming its line; a failure
+rendered once when the run starts, so a bad image, a special token of the tokenizer typed into a
+question or a question with no room for train.eval_max_new_tokens within the model's positions
+stops the run then, naming its line (images resolve as data.allow_outside_root says); a failure
 later, on any rank (an image gone since, out of memory), ends every rank at once (`Phase`).
 """
 
@@ -28,22 +30,29 @@ from mpo.models.families import family_of
 from mpo.models.loading import enable_packed_attention
 from mpo.pairs.correctness import INSTRUCTION, asked, verdict
 from mpo.pairs.generate import Sampler
-from mpo.pairs.prompts import read_prompts
+from mpo.pairs.prompts import positions, read_prompts, refusal
 from mpo.train.distributed import Dist, Phase, all_gather_objects, all_sum
 
 
 class GenerationEval:
     def __init__(self, path: str, *, model_dir: str, images: ImageOptions, image_root: str | None, dist: Dist,
-                 max_new_tokens: int, batch_size: int, synced: bool):
+                 max_new_tokens: int, batch_size: int, synced: bool, allow_outside_root: bool = False):
+        from transformers import AutoConfig
+
         self.dist, self.max_new_tokens, self.batch_size, self.synced = dist, max_new_tokens, batch_size, synced
-        self.records = read_prompts(path, need="answer", image_root=image_root, allow_outside_root=True)
+        self.records = read_prompts(path, need="answer", image_root=image_root, allow_outside_root=allow_outside_root)
         self.renderer = Renderer(model_dir, images)
+        limit = positions(AutoConfig.from_pretrained(model_dir))
         mine = self.records[dist.rank::dist.world]
         for r, request in zip(mine, asked(mine, 1, INSTRUCTION)):
             try:
                 self.renderer.prompt(request.messages, request.images)
             except BadPair as bad:
                 raise DataError(f"{r.source}: data.eval_prompts: {bad}") from None
+            bad = refusal(self.renderer, request, (r.question,), max_new_tokens=max_new_tokens, limit=limit,
+                          setting="train.eval_max_new_tokens")
+            if bad is not None:
+                raise DataError(f"{r.source}: data.eval_prompts: {bad}")
 
     @torch.no_grad()
     def __call__(self, model, dtype: torch.dtype, run_dir: Path, step: int) -> dict:

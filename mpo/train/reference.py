@@ -25,13 +25,14 @@ from pathlib import Path
 
 import torch
 
+from mpo.atomic import save_atomic
 from mpo.data.dataset import PairDataset
 from mpo.data.index import tree_digest
 from mpo.models.loading import load_model, pair_logps
 from mpo.models.lora import adapters_disabled
 from mpo.pair_logps import run_pass, save_pair_logps
 from mpo.train.config import Config
-from mpo.train.distributed import Dist, Phase, all_gather_objects
+from mpo.train.distributed import Dist, Phase
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".jinja", ".txt", ".model", ".tiktoken")
 
@@ -98,18 +99,34 @@ class BaseReference:
                 m.training = mode
 
 
+PART = ("pairs", "sums", "counts")  # a rank's run_pass results, its rows concatenated
+
+
 def build_cache(pairs: PairDataset, reference: ReferenceModel, key: dict, out: Path, dist: Dist, dtype,
                 loader_options: dict, phase: Phase) -> None:
     """Run the reference over every valid pair (rows dealt to ranks, blank rows padding the short
-    ones) and write `out` on rank 0, in the `mpo logps` layout; the ranks meet at the end of the
-    `phase` they are in."""
+    ones) and write `out` on rank 0, in the `mpo logps` layout. Each other rank leaves its sums
+    beside `out` and the ranks meet through the `phase` they are in: a pass of many hours may end
+    on one rank long after another, longer than a collective would wait."""
+    from safetensors.torch import load_file
+
     dealt = pairs.deal(pairs.data_order_rows(), dist.world)
     mine = dealt[dist.rank]
     rows = [mine[k] if k < len(mine) else () for k in range(max(len(r) for r in dealt))]
     results = run_pass(pairs, rows, reference.sums, dist.device, dtype, loader_options)
-    gathered = [r for part in all_gather_objects(results) for r in part]
+    parts = [out.with_name(f"{out.name}.part-{r}-of-{dist.world}") for r in range(dist.world)]
+    if not dist.main:
+        save_atomic(dict(zip(PART, map(torch.cat, zip(*results, strict=True)), strict=True)), parts[dist.rank])
+    phase.sync()
     if dist.main:
-        save_pair_logps(pairs, gathered, out, {"key": json.dumps(key, sort_keys=True)})
+        for path in parts[1:]:
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: a rank wrote its reference sums here but rank 0 cannot read "
+                                        "them; the cache folder must be on a file system every node shares")
+            results.append(tuple(load_file(str(path))[name] for name in PART))
+        save_pair_logps(pairs, results, out, {"key": json.dumps(key, sort_keys=True)})
+        for path in parts[1:]:
+            path.unlink()
     phase.sync()
 
 

@@ -68,11 +68,31 @@ def save_state(obj, stem: Path) -> None:
     _file(stem, ".json").write_text(json.dumps(tree))
 
 
-def load_state(stem: Path, live=None):
+def read_tensors(path: Path) -> dict:
+    """A safetensors file's tensors; a damaged one (its header, its length) is a ValueError naming the
+    file: safetensors' own error names none."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    tensors = load_file(str(_file(stem, ".safetensors")))
-    return join_state(json.loads(_file(stem, ".json").read_text()), tensors, live)
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise ValueError(f"{path}: unreadable ({e})") from None
+
+
+def load_state(stem: Path, live=None):
+    tensors_file, tree_file = _file(stem, ".safetensors"), _file(stem, ".json")
+    tensors = read_tensors(tensors_file)
+    try:
+        tree = json.loads(tree_file.read_text())
+    except ValueError as e:
+        raise ValueError(f"{tree_file}: unreadable ({e})") from None
+    try:
+        return join_state(tree, tensors, live)
+    except KeyError as e:  # a damaged header can rename a tensor and still parse
+        raise ValueError(f"{tensors_file}: lacks the tensor {e} that {tree_file.name} lists") from None
+    except ValueError as e:
+        raise ValueError(f"{tree_file}: {e}") from None
 
 
 def _file(stem: Path, suffix: str) -> Path:

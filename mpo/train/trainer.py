@@ -45,6 +45,7 @@ from mpo.train.engine import build, deepspeed_config, role_lrs, train_dtype
 from mpo.train.generation_eval import GenerationEval
 from mpo.train.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_gb, require_reporters
 from mpo.train.reference import BaseReference, ReferenceModel, base_is_reference, build_cache, cache_key, load_cache
+from mpo.train.run_lock import RunLock
 
 # Accumulated per micro-batch as sums, then divided by the step's pair count (MEANS) or not (loss/sft).
 MEANS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -68,6 +69,12 @@ class Trainer:
             require_4bit(self.dist.device)
         if train:
             require_reporters(cfg.logging.report_to)
+        self.lock = None
+        # before anything reads or changes the folder; a phase, so that a refusal on rank 0 ends every rank
+        with Phase(self.dist, f"taking the run folder {self.run_dir}"):
+            # a resume of a folder that is not there is refused below, without creating it
+            if self.dist.main and (not resume or self.run_dir.is_dir()):
+                self.lock = RunLock(self.run_dir)
         found = checkpoint.checkpoints(self.run_dir) if self.run_dir.exists() else []
         if train and found and not resume:
             raise ValueError(f"{self.run_dir} already holds checkpoints; pass --resume to continue that run "
@@ -115,7 +122,8 @@ class Trainer:
             if cfg.data.eval_prompts:
                 self.generation_eval = GenerationEval(
                     cfg.data.eval_prompts, model_dir=cfg.model.path, images=self.images,
-                    image_root=cfg.data.image_root or None, dist=self.dist,
+                    image_root=cfg.data.image_root or None, allow_outside_root=cfg.data.allow_outside_root,
+                    dist=self.dist,
                     max_new_tokens=cfg.train.eval_max_new_tokens, batch_size=cfg.train.eval_batch_size,
                     synced=self.dist.world > 1 and cfg.deepspeed.zero_stage == 3)
 
@@ -395,7 +403,13 @@ class Trainer:
                 self.engine, Path(cfg.model.path), self.run_dir, dist, zero_stage=cfg.deepspeed.zero_stage,
                 max_shard_bytes=int(cfg.checkpoint.export_shard_gb * 1e9)))
         summary["skipped_steps"] = skipped
+        self.release()
         return summary
+
+    def release(self) -> None:
+        """Give the run folder up now, not when the process ends: a later command in this process may take it."""
+        if self.lock is not None:
+            self.lock.close()
 
 
 # What may change between a run and its resumption: where and how often it reports and saves.
@@ -423,4 +437,5 @@ def reference_caches(cfg: Config) -> dict[str, Path]:
     if cfg.loss.reference != "cache":
         raise ValueError("loss.reference is 'online': there is no reference cache to build")
     setup = Trainer(cfg, cfg.train.output_dir, train=False)
+    setup.release()
     return {split: setup.cache_path(split) for split in setup.ref}
