@@ -2,6 +2,10 @@
 
 - The native helper `mpo._native` (csrc/, the packing planner) is built with CMake and pybind11;
   `mpo.data.plan_packing` falls back to its pure-Python twin when the module is missing.
+- The Triton kernels live in the top-level `kernels/` and install as `mpo.kernels`: `mpo/kernels` is
+  a relative link to `../kernels`, which the build copies as files into the wheel. `kernels/` has no
+  `__init__.py` (it must not shadow the PyPI package `kernels` that transformers imports), so
+  `find_packages` skips it and it is named here; `kernels` never becomes a top-level name.
 """
 
 import os
@@ -51,7 +55,7 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["mpo", "mpo.*"]),
+    packages=find_packages(include=["mpo", "mpo.*"]) + ["mpo.kernels"],
     ext_modules=[CMakeExtension("mpo._native")],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=[

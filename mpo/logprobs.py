@@ -64,9 +64,7 @@ def _check_triton(device: torch.device) -> None:
         import mpo.kernels.lm_head  # noqa: F401  (imports triton)
     except ImportError as e:
         raise RuntimeError(f"the Triton path needs the `triton` package: {e}") from e
-    from mpo import kernels
-
-    if device.type == "cpu" and not kernels.INTERPRETED:
+    if device.type == "cpu" and not kernel_config.INTERPRETED:
         raise RuntimeError(
             "TRITON_INTERPRET=1 was set after mpo.kernels was imported; Triton fixes the mode at "
             "import, so set it before importing mpo")

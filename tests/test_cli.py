@@ -19,14 +19,3 @@ def test_env_reports_the_dispatch(capsys):
     out = capsys.readouterr().out
     assert "torch" in out and "path" in out
 
-
-def test_kernels_ship_inside_mpo():
-    """The Triton kernels are mpo.kernels: a top-level `kernels` (in the checkout or installed) would
-    shadow the PyPI package of that name, which transformers imports."""
-    import importlib.metadata
-
-    import mpo.kernels
-
-    assert mpo.kernels.__name__ == "mpo.kernels"
-    top_level = (importlib.metadata.distribution("mpo").read_text("top_level.txt") or "").split()
-    assert "kernels" not in top_level

@@ -20,8 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from . import INTERPRETED
-from .config import TileConfig, default_config
+from .config import INTERPRETED, TileConfig, default_config
 from .grad_matmul import grad_matmul
 from .logits_grad import logits_grad, scratch_columns
 from .lse_merge import lse_merge

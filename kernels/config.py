@@ -1,5 +1,14 @@
 """Tile configurations and the interpreter switch for the Triton kernels.
 
+The kernels live in the repository's top-level `kernels/` and are imported as `mpo.kernels`
+(`mpo/kernels` links to that folder, and the wheel carries them there). They know nothing of
+models: hidden states and an LM-head weight in, log-probs, sequence sums, losses and gradients out.
+`lm_head` is the Triton path, `reference` the PyTorch path with the same interface; `mpo` wraps
+both in autograd functions. The folder has no `__init__.py` on purpose: a package named `kernels`
+at the checkout root would shadow the PyPI package of that name, which transformers imports, while
+a folder without one does not (a namespace portion loses to a regular package anywhere on
+sys.path). What a package `__init__` would hold lives here.
+
 One fixed configuration per GPU family (DESIGN.md: no autotuning by default). The interpreter runs
 every program instance as NumPy calls on the CPU, so there fewer, larger tiles are faster, while
 tests pass smaller tiles explicitly to exercise multi-tile, multi-split and multi-chunk paths.
@@ -16,10 +25,16 @@ import torch
 def interpreting() -> bool:
     """True when Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1).
 
-    Triton reads the variable when a kernel is decorated, so what counts is its value when
-    `mpo.kernels` was first imported; `mpo.logprobs` checks the two agree.
+    Triton reads the variable when a kernel is decorated, so what counts is its value when the
+    kernels were imported (`INTERPRETED`); `mpo.logprobs` checks the two agree.
     """
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Triton decides interpreted-or-compiled when a kernel is decorated. Importing `mpo.kernels.<any>`
+# first imports `mpo`, whose `mpo.logprobs` imports this module before any kernel is decorated, so
+# this is the mode the kernels were built in; callers compare it with the environment at call time.
+INTERPRETED = interpreting()
 
 
 @dataclass(frozen=True)
