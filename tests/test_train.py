@@ -4,6 +4,7 @@ Runs use the tiny InternVL model and the small demo set, the PyTorch kernel path
 would only slow them down; the kernels are tested elsewhere) and DeepSpeed.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,6 +135,34 @@ def test_two_ranks_match_one_rank_under_zero3(tmp_path, tiny_models, demo_data, 
     assert evals[0][-1]["loss"] == pytest.approx(evals[1][-1]["loss"], rel=1e-3)
 
 
+def _processes() -> dict[int, tuple[int, str]]:
+    """{pid: (parent pid, state)} of every process."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        found[int(stat.parent.name)] = (int(fields[1]), fields[0])
+    return found
+
+
+def kill_tree(root: int) -> None:
+    """SIGKILL a launcher and every process under it at once (torchrun starts each rank in a session
+    of its own, out of reach of the launcher's group), and wait until none is left alive (a zombie
+    has closed its files, the run folder's lock included)."""
+    tree, table = {root}, _processes()
+    while grown := {pid for pid, (parent, _) in table.items() if parent in tree} - tree:
+        tree |= grown
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.time() + 60
+    while alive := [pid for pid, (_, state) in _processes().items() if pid in tree and state != "Z"]:
+        assert time.time() < deadline, f"processes {alive} outlived SIGKILL by a minute"
+        time.sleep(0.05)
+
+
 def opened_by_thread(trace) -> dict[str, set[str]]:
     """strace -f output -> {thread id: names of the checkpoint files it opened}."""
     found: dict[str, set[str]] = {}
@@ -150,14 +180,13 @@ def test_killed_and_resumed_run_ends_bit_identical(tmp_path, tiny_models, demo_d
                           data={"eval": ""})
     mpo("train", config, "--output-dir", tmp_path / "whole", ranks=ranks)
     run = tmp_path / "killed"
-    # a session of its own, so SIGKILL reaches every rank (and the launcher) at once
     proc = subprocess.Popen([*launcher(ranks), "train", str(config), "--output-dir", str(run)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), start_new_session=True)
     deadline = time.time() + 600
     while not (run / "checkpoint-2").is_dir():
         assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc.pid)
     assert proc.wait() == -signal.SIGKILL
     assert not (run / "final").exists() and not (run / "checkpoint-6").exists()
     if ranks > 1:

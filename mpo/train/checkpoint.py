@@ -145,8 +145,13 @@ def save(engine, run_dir: Path, step: int, trainer_state: dict, dist: Dist, *, z
                              if p.requires_grad}
                 save_atomic(trainable, tmp / "model.safetensors")
             (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
-        # this rank's own files are complete whatever the others have written so far
-        return {n: _sha256(tmp / n) for n in _mine(sorted(p.name for p in tmp.iterdir()), dist)}
+        # the files this rank wrote, by name: the folder also holds other ranks' files being written
+        # (and their writers' temporary names)
+        written = [f"{stem}.{ext}" for stem in (f"optimizer.rank{dist.rank}", f"rng.rank{dist.rank}")
+                   for ext in ("safetensors", "json")]
+        if dist.main:
+            written += ["model.safetensors"] * (zero_stage < 3) + ["trainer.json"]
+        return {n: _sha256(tmp / n) for n in written}
 
     def finish(digests: dict[str, str]):
         if dist.main:
