@@ -22,7 +22,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging
 
-from mpo.train.distributed import Dist
+from mpo.distributed import Dist
 from mpo.train.export import export_final
 
 

@@ -91,7 +91,7 @@ def _logps(args: argparse.Namespace) -> int:
     import torch
 
     from mpo.data.records import Rejects
-    from mpo.pair_logps import compute_pair_logps
+    from mpo.models.reference_pass import compute_pair_logps
 
     _quiet_transformers()
     out = Path(args.out)
@@ -253,15 +253,15 @@ SAMPLING_SETTINGS = ("samples", "max_pairs", "instruction", "format_negatives", 
 def _sampling(args: argparse.Namespace, source: Path, *, need: str, allow_outside_root: bool,
               images_need_vision: bool, request):
     """What `mpo pairs` and `mpo eval` start with: checked flags, the prompts (every line checked
-    before the model loads), the ranks, the sampler, and why each of this rank's prompts that must
-    not be sampled is refused (`mpo.pairs.prompts.refusal`; `request(record)`: what would be sampled
-    for it) -> (records, ranks, sampler, {id: BadPair})."""
+    before the model loads), the process group, the sampler, and why each of this rank's prompts that must
+    not be sampled is refused (`mpo.generation.prompts.refusal`; `request(record)`: what would be sampled
+    for it) -> (records, dist, sampler, {id: BadPair})."""
     import math
 
-    from mpo.data.records import BadPair
-    from mpo.pairs.generate import Sampler
-    from mpo.pairs.prompts import positions, read_prompts, refusal
-    from mpo.pairs.run import Ranks
+    from mpo.distributed import init
+    from mpo.errors import BadPair
+    from mpo.generation.prompts import positions, read_prompts, refusal
+    from mpo.generation.sampler import Sampler
 
     _quiet_transformers()
     for flag in ("samples", "max_pairs", "batch_size", "max_new_tokens"):
@@ -270,8 +270,8 @@ def _sampling(args: argparse.Namespace, source: Path, *, need: str, allow_outsid
     if args.temperature is not None and not 0 <= args.temperature < math.inf:
         raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
     records = read_prompts(source, need=need, image_root=args.image_root, allow_outside_root=allow_outside_root)
-    ranks = Ranks.init(args.device)
-    sampler = Sampler.load(args.model, device=ranks.device, max_new_tokens=args.max_new_tokens,
+    dist = init(args.device, setting="--device")
+    sampler = Sampler.load(args.model, device=dist.device, max_new_tokens=args.max_new_tokens,
                            batch_size=args.batch_size, images=_image_options(args))
     with_images = next((r for r in records if r.images), None)
     if images_need_vision and with_images is not None and not sampler.renderer.vision:
@@ -285,17 +285,18 @@ def _sampling(args: argparse.Namespace, source: Path, *, need: str, allow_outsid
     except BadPair as bad:
         raise ValueError(f"--instruction: {bad}") from None
     refused = {}
-    for r in records[ranks.rank::ranks.world]:
+    for r in records[dist.rank::dist.world]:
         bad = refusal(sampler.renderer, request(r), (r.question, r.chosen or ""), max_new_tokens=args.max_new_tokens,
                       limit=limit, setting="--max-new-tokens")
         if bad is not None:
             refused[r.id] = bad
-    return records, ranks, sampler, refused
+    return records, dist, sampler, refused
 
 
 def _pairs(args: argparse.Namespace) -> int:
-    from mpo.data.records import DataError
-    from mpo.pairs.correctness import INSTRUCTION, asked, correctness_process
+    from mpo.errors import DataError
+    from mpo.generation.judging import INSTRUCTION, requests_for
+    from mpo.pairs.correctness import correctness_process
     from mpo.pairs.dropout_ntp import continuation, dropout_process
     from mpo.pairs.run import build
 
@@ -304,8 +305,13 @@ def _pairs(args: argparse.Namespace) -> int:
         raise ValueError(f"--ratio must be between 0 and 1, got {args.ratio}")
     source = Path(args.prompts if correctness else args.data)
     instruction = INSTRUCTION if getattr(args, "instruction", None) is None else args.instruction
-    request = (lambda r: asked([r], 1, instruction)[0]) if correctness else (lambda r: continuation(r, args.ratio))
-    records, ranks, sampler, refused = _sampling(args, source, need="answer" if correctness else "chosen",
+    if correctness:
+        def request(r):
+            return requests_for([r], 1, instruction)[0]
+    else:
+        def request(r):
+            return continuation(r, args.ratio)
+    records, dist, sampler, refused = _sampling(args, source, need="answer" if correctness else "chosen",
                                                  allow_outside_root=args.allow_outside_root,
                                                  images_need_vision=correctness, request=request)
     # a line the builder would turn into a pair training rejects, or one sampled past the model's
@@ -326,7 +332,7 @@ def _pairs(args: argparse.Namespace) -> int:
         chunk = args.batch_size
     name = args.name or source.stem
     counts = build(records, args.out, name=name, image_root=Path(args.image_root) if args.image_root else source.parent,
-                   ranks=ranks, process=process, chunk=chunk, desc=f"mpo pairs {args.pairs_command}",
+                   dist=dist, process=process, chunk=chunk, desc=f"mpo pairs {args.pairs_command}",
                    settings=settings, images=args.images)
     if counts is not None:
         print(" ".join(f"{k}={v}" for k, v in sorted(counts.items())))
@@ -335,25 +341,27 @@ def _pairs(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from mpo.pairs.correctness import INSTRUCTION, asked
+    from mpo.distributed import Phase
+    from mpo.generation.judging import INSTRUCTION, requests_for
     from mpo.pairs.evaluate import eval_process, write_report
-    from mpo.pairs.run import merged, run_prompts
+    from mpo.pairs.run import run_prompts, written_by_rank0
 
     temperature = args.temperature if args.temperature is not None else 0.0 if args.samples == 1 else 1.0
     if temperature == 0 and args.samples > 1:
         raise ValueError(f"--samples {args.samples} with greedy decoding (--temperature 0) would repeat one response")
     instruction = INSTRUCTION if args.instruction is None else args.instruction
-    records, ranks, sampler, refused = _sampling(args, Path(args.prompts), need="answer",
+    records, dist, sampler, refused = _sampling(args, Path(args.prompts), need="answer",
                                                  allow_outside_root=args.allow_outside_root, images_need_vision=True,
-                                                 request=lambda r: asked([r], 1, instruction)[0])
+                                                 request=lambda r: requests_for([r], 1, instruction)[0])
     settings = {k: v for k, v in vars(args).items() if k in SAMPLING_SETTINGS}
     settings.update(builder="eval", model=str(Path(args.model).resolve()),
                     input=str(Path(args.prompts).resolve()), temperature=temperature, instruction=instruction)
     process = eval_process(sampler, samples=args.samples, instruction=instruction, temperature=temperature,
                            seed=args.seed, refused=refused)
-    run_prompts(records, args.out, ranks=ranks, process=process, chunk=max(1, args.batch_size // args.samples),
-                desc="mpo eval", settings=settings)
-    report = merged(ranks, lambda: write_report(args.out, [r.id for r in records], settings))
+    with Phase(dist, "mpo eval") as phase:
+        run_prompts(records, args.out, dist=dist, process=process, chunk=max(1, args.batch_size // args.samples),
+                    desc="mpo eval", settings=settings)
+        report = written_by_rank0(phase, lambda: write_report(args.out, [r.id for r in records], settings))
     if report is not None:
         shown = {k: round(v, 4) for k, v in report.items() if isinstance(v, float)}
         print(" ".join(f"{k}={v}" for k, v in shown.items()))

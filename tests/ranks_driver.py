@@ -38,7 +38,7 @@ if case == "index":
     from mpo.data.dataset import PairDataset
     from mpo.data.packing import PackingOptions
     from mpo.data.records import Rejects
-    from mpo.train.distributed import Dist, Phase
+    from mpo.distributed import Dist, Phase
 
     out, model, data = map(Path, sys.argv[3:6])
     mpo.data.index.CHUNK = 3

@@ -6,10 +6,11 @@ import pytest
 import torch
 from commands import killed_after, lines, run, write_jsonl
 
+from mpo.distributed import Dist
+from mpo.generation.prompts import read_prompts
+from mpo.generation.sampler import Completion
 from mpo.pairs.evaluate import eval_process, write_report
-from mpo.pairs.generate import Completion
-from mpo.pairs.prompts import read_prompts
-from mpo.pairs.run import Ranks, run_prompts
+from mpo.pairs.run import run_prompts
 
 
 class Scripted:
@@ -41,7 +42,7 @@ def test_scores_are_exact_on_scripted_responses(tmp_path, random_seed):
 
     sampler = Scripted(script)
     settings = {"builder": "eval", "samples": 4}
-    run_prompts(records, tmp_path / "out", ranks=Ranks(0, 1, torch.device("cpu")),
+    run_prompts(records, tmp_path / "out", dist=Dist(0, 1, 0, torch.device("cpu")),
                 process=eval_process(sampler, samples=4, instruction="Answer.", temperature=1.0, seed=seed),
                 chunk=3, desc="t", settings=settings, progress=False)
     report = write_report(tmp_path / "out", [r.id for r in records], settings)
@@ -79,8 +80,8 @@ def test_a_question_that_cannot_be_rendered_counts_as_wrong(tmp_path, tiny_model
 
 def test_images_on_the_tiny_internvl_match_the_sampler(tmp_path, tiny_models, demo_data):
     """The command's greedy responses are the model's own greedy continuations of the rendered prompts."""
-    from mpo.pairs.correctness import INSTRUCTION, question_with_instruction
-    from mpo.pairs.generate import Request, Sampler
+    from mpo.generation.judging import INSTRUCTION, question_with_instruction
+    from mpo.generation.sampler import Request, Sampler
 
     source = (demo_data / "annotations" / "count_train.jsonl").read_text().splitlines()[:5]
     prompts = write_jsonl(tmp_path / "count.jsonl", [json.loads(x) for x in source])

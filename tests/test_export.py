@@ -16,8 +16,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from mpo.distributed import Dist
 from mpo.models.loading import load_model
-from mpo.train.distributed import Dist
 from mpo.train.export import INDEX, MODEL_FILES, export_final
 
 ONE_RANK = Dist(0, 1, 0, torch.device("cpu"))
@@ -40,7 +40,7 @@ def sixth(model) -> int:
 def auto_class(folder: Path):
     from transformers import AutoConfig
 
-    from mpo.models.families import family_of
+    from mpo.families import family_of
 
     return family_of(AutoConfig.from_pretrained(folder)).auto_class()
 
@@ -156,7 +156,7 @@ from pathlib import Path
 from types import SimpleNamespace
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from mpo.train.distributed import Dist
+from mpo.distributed import Dist
 from mpo.train.export import export_final
 
 def status(key):

@@ -13,9 +13,10 @@ from PIL import Image
 from transformers import AutoConfig, LlavaConfig
 
 from mpo.data.packing import SHARED, PackedBatch
-from mpo.data.records import BadPair, PreferencePair
+from mpo.data.records import PreferencePair
 from mpo.data.render import Renderer
-from mpo.models.families import Family, InternVL, QwenVL, family_of
+from mpo.errors import BadPair
+from mpo.families import Family, InternVL, QwenVL, family_of
 from mpo.models.loading import load_model, packed_hidden_states
 from mpo.models.tiny import MAX_PATCHES
 from mpo.train.config import load_config

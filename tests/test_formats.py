@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from mpo.data.formats import DataSource, read_pairs
-from mpo.data.records import DataError, Rejects
+from mpo.data.records import Rejects
+from mpo.errors import DataError
 
 
 def png(path, color=(200, 30, 30), size=(40, 30)):

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mpo.data.records import BadPair
-from mpo.pairs.generate import Completion, Request, Sampler
+from mpo.errors import BadPair
+from mpo.generation.sampler import Completion, Request, Sampler
 
 CPU = torch.device("cpu")
 
@@ -69,7 +69,7 @@ def test_the_model_leaves_training_time_answering_in_the_mode_it_came_in(tmp_pat
     from transformers import AutoModelForCausalLM
 
     from mpo.data.render import ImageOptions
-    from mpo.train.distributed import Dist
+    from mpo.distributed import Dist
     from mpo.train.generation_eval import GenerationEval
 
     prompts = tmp_path / "prompts.jsonl"

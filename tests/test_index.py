@@ -15,8 +15,9 @@ from mpo.data.dataset import PairDataset
 from mpo.data.formats import DataSource, read_pairs
 from mpo.data.index import PairIndex, build_index, fingerprint, index_key, index_path
 from mpo.data.packing import PackingOptions, fit_to_budget, pair_cost
-from mpo.data.records import BadPair, DataError, PreferencePair, Rejects
+from mpo.data.records import PreferencePair, Rejects
 from mpo.data.render import Renderer
+from mpo.errors import BadPair, DataError
 
 RENDERING = {"packing": "prefix", "max_tokens": 4096, "overlong": "truncate", "max_patches": None,
              "min_pixels": None, "max_pixels": None, "max_image_pixels": 50_000_000}

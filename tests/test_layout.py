@@ -1,4 +1,5 @@
-"""The repository layout: the Triton kernels live in the top-level `kernels/` and are `mpo.kernels`.
+"""The repository layout: the Triton kernels live in the top-level `kernels/` and are `mpo.kernels`;
+the library's layers import only downwards.
 
 `kernels` is also the import name of a PyPI package that transformers imports, so the folder has no
 `__init__.py` (a namespace portion never shadows a regular package) and `mpo/kernels` links to it.
@@ -33,10 +34,10 @@ def test_kernels_folder_is_mpo_kernels():
     assert "kernels" not in top_level
 
 
-def _imported_modules(path: Path) -> list[tuple[int, str, int]]:
-    """(line, absolute module name, relative level) of every import in a file; names imported
-    from a package count as modules too (`from a import b` -> a and a.b)."""
-    package = "mpo.kernels"
+def _imported_modules(path: Path, package: str = "mpo.kernels") -> list[tuple[int, str, int]]:
+    """(line, absolute module name, relative level) of every import in a file of `package`, the
+    ones inside functions included; names imported from a package count as modules too
+    (`from a import b` -> a and a.b)."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         if isinstance(node, ast.Import):
@@ -117,3 +118,75 @@ def test_wheel_carries_the_kernels_inside_mpo(tmp_path):
         assert not [n for n in names if n.startswith("kernels/")]
         (top_level,) = [n for n in names if n.endswith(".dist-info/top_level.txt")]
         assert zf.read(top_level).decode().split() == ["mpo"]
+
+
+# The library's layers, lowest first: a module may import its own package and lower layers only.
+# Same-layer packages are peers that know nothing of each other (the trainer and the pair builders).
+LAYERS = (
+    ("mpo.atomic", "mpo.errors", "mpo._native", "mpo.kernels"),
+    ("mpo.logprobs", "mpo.losses", "mpo.distributed"),
+    ("mpo.mpo_loss", "mpo.sequences"),
+    ("mpo",),  # the public API in mpo/__init__.py
+    ("mpo.families",),
+    ("mpo.data",),
+    ("mpo.models",),
+    ("mpo.generation",),
+    ("mpo.pairs", "mpo.train"),
+    ("mpo.cli",),
+    ("mpo.__main__",),
+)
+
+
+def _unit(module: str) -> tuple[str, int] | None:
+    """(package or module of LAYERS, its layer) that `module` belongs to; None outside mpo."""
+    best = None
+    for layer, units in enumerate(LAYERS):
+        for unit in units:
+            if (module == unit or module.startswith(unit + ".")) and (best is None or len(unit) > len(best[0])):
+                best = (unit, layer)
+    return best
+
+
+def _upward_imports(root: Path) -> list[str]:
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root.parent).with_suffix("")
+        module = ".".join(relative.parts[:-1] if relative.name == "__init__" else relative.parts)
+        package = module if relative.name == "__init__" else module.rpartition(".")[0]
+        unit, layer = _unit(module)
+        for line, target, _ in _imported_modules(path, package):
+            found = _unit(target)
+            if found is None or found[0] == unit or found[1] < layer:
+                continue
+            if found[0] == "mpo" and target != "mpo":
+                continue  # `from mpo import x` names the module mpo.x, checked on its own
+            bad.append(f"{path.relative_to(root.parent)}:{line}: {unit} (layer {layer}) imports {target} "
+                       f"(layer {found[1]})")
+    return bad
+
+
+def test_every_module_has_a_layer():
+    for path in (ROOT / "mpo").rglob("*.py"):
+        relative = path.relative_to(ROOT).with_suffix("")
+        module = ".".join(relative.parts[:-1] if relative.name == "__init__" else relative.parts)
+        assert _unit(module) is not None, module
+
+
+def test_layers_import_only_downwards():
+    bad = _upward_imports(ROOT / "mpo")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_layer_check_can_fail(tmp_path):
+    (tmp_path / "mpo" / "data").mkdir(parents=True)
+    (tmp_path / "mpo" / "families").mkdir()
+    (tmp_path / "mpo" / "data" / "render.py").write_text("import torch\nfrom mpo.families import family_of\n")
+    (tmp_path / "mpo" / "families" / "base.py").write_text("def f():\n    from mpo.data.records import Rejects\n")
+    (tmp_path / "mpo" / "train").mkdir()
+    (tmp_path / "mpo" / "train" / "x.py").write_text("from mpo.pairs import run\nfrom . import config\n")
+    assert _upward_imports(tmp_path / "mpo") == [
+        "mpo/families/base.py:2: mpo.families (layer 4) imports mpo.data.records (layer 5)",
+        "mpo/families/base.py:2: mpo.families (layer 4) imports mpo.data.records.Rejects (layer 5)",
+        "mpo/train/x.py:1: mpo.train (layer 8) imports mpo.pairs (layer 8)",
+        "mpo/train/x.py:1: mpo.train (layer 8) imports mpo.pairs.run (layer 8)",
+    ]

@@ -15,9 +15,10 @@ from PIL import Image
 import mpo
 from mpo.data.formats import read_pairs
 from mpo.data.packing import CHOSEN, IGNORE, REJECTED, SHARED, fit_to_budget, pack_row, pair_cost
-from mpo.data.records import BadPair, PreferencePair, Rejects
+from mpo.data.records import PreferencePair, Rejects
 from mpo.data.render import RenderedPair, Renderer
-from mpo.models.families import family_of
+from mpo.errors import BadPair
+from mpo.families import family_of
 from mpo.models.loading import lm_head, load_model, packed_hidden_states, pair_logps
 
 VISION = ("internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")

@@ -14,14 +14,16 @@ import torch
 import yaml
 from commands import killed_after, lines, run, write_jsonl
 
-from mpo.data.records import DataError
-from mpo.pairs import extract_answer, is_correct
-from mpo.pairs.correctness import contains_answer, correctness_process, judge_and_pair
+from mpo.distributed import Dist
+from mpo.errors import DataError
+from mpo.generation import extract_answer, is_correct
+from mpo.generation.judging import contains_answer
+from mpo.generation.prompts import read_prompts
+from mpo.generation.sampler import Completion
+from mpo.pairs.correctness import correctness_process, judge_and_pair
 from mpo.pairs.dropout_ntp import cut, without_images
-from mpo.pairs.generate import Completion
 from mpo.pairs.output import ResultLog, read_results
-from mpo.pairs.prompts import read_prompts
-from mpo.pairs.run import Ranks, build
+from mpo.pairs.run import build
 
 
 def annotations(out):
@@ -75,7 +77,7 @@ def test_prompts_read(tmp_path):
 # --- pairing rules -------------------------------------------------------------------------------------
 
 def record(answer="7", rid="q"):
-    from mpo.pairs.prompts import PromptRecord
+    from mpo.generation.prompts import PromptRecord
 
     return PromptRecord(rid, "What is 3 + 4?", (), answer, None, "p:1", {})
 
@@ -197,7 +199,7 @@ def test_correctness_build_with_images_writes_mmpr_the_trainer_reads(tmp_path, d
 
     sampler = ScriptedSampler(script)
     counts = build(records, tmp_path / "out", name="count", image_root=demo_data,
-                   ranks=Ranks(0, 1, torch.device("cpu")),
+                   dist=Dist(0, 1, 0, torch.device("cpu")),
                    process=correctness_process(sampler, samples=4, max_pairs=15), chunk=4, desc="t", settings={},
                    progress=False)
     assert counts == {"prompts": 6, "responses": 24, "correct": 6, "wrong": 12, "unparsable": 6, "pairs": 12}
@@ -213,13 +215,13 @@ def test_correctness_build_with_images_writes_mmpr_the_trainer_reads(tmp_path, d
     assert all(renderer.render(p).pixel_values is not None for p in pairs)
     # a rerun finds everything done: nothing is sampled again, the output is the same
     again = ScriptedSampler(script)
-    build(records, tmp_path / "out", name="count", image_root=demo_data, ranks=Ranks(0, 1, torch.device("cpu")),
+    build(records, tmp_path / "out", name="count", image_root=demo_data, dist=Dist(0, 1, 0, torch.device("cpu")),
           process=correctness_process(again, samples=4, max_pairs=15), chunk=4, desc="t", settings={},
           progress=False)
     assert again.requests == [] and annotations(tmp_path / "out") == rows
     # results made another way are not taken for finished prompts
     with pytest.raises(ValueError, match="holds results made with other settings \\(samples differ\\)"):
-        build(records, tmp_path / "out", name="count", image_root=demo_data, ranks=Ranks(0, 1, torch.device("cpu")),
+        build(records, tmp_path / "out", name="count", image_root=demo_data, dist=Dist(0, 1, 0, torch.device("cpu")),
               process=correctness_process(again, samples=8, max_pairs=15), chunk=4, desc="t",
               settings={"samples": 8}, progress=False)
 
@@ -228,7 +230,7 @@ def test_correctness_build_with_images_writes_mmpr_the_trainer_reads(tmp_path, d
 def test_an_unreadable_image_is_counted_not_fatal(tmp_path, tiny_models, arch):
     from PIL import Image
 
-    from mpo.pairs.generate import Sampler
+    from mpo.generation.sampler import Sampler
 
     Image.new("RGB", (60, 40), "red").save(tmp_path / "good.png")
     (tmp_path / "bad.png").write_bytes(b"not a png at all")
@@ -236,7 +238,8 @@ def test_an_unreadable_image_is_counted_not_fatal(tmp_path, tiny_models, arch):
                                                  {"question": "Colour?", "answer": "red", "image": "bad.png"}])
     sampler = Sampler.load(tiny_models[arch], device=torch.device("cpu"), max_new_tokens=4, batch_size=8)
     counts = build(read_prompts(prompts, need="answer"), tmp_path / "out", name="p", image_root=tmp_path,
-                   ranks=Ranks(0, 1, torch.device("cpu")), process=correctness_process(sampler, samples=2, max_pairs=4),
+                   dist=Dist(0, 1, 0, torch.device("cpu")),
+                   process=correctness_process(sampler, samples=2, max_pairs=4),
                    chunk=2, desc="t", settings={}, progress=False)
     assert counts["prompts"] == 2 and counts["corrupt_image"] == 1 and counts["responses"] == 2
     assert "corrupt_image" in read_results(tmp_path / "out" / "work")["2"]["error"]
@@ -260,7 +263,7 @@ def test_a_continuation_keeps_its_leading_space_with_sentencepiece_decoders():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from mpo.pairs.generate import Sampler
+    from mpo.generation.sampler import Sampler
 
     vocab = {"<unk>": 0, "▁cat": 1, "▁sat": 2, "▁on": 3, "▁the": 4}
     raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mpo.pairs import answers, extract_answer, is_correct
+from mpo.generation import answers, extract_answer, is_correct
 
 EXTRACT = [
     ("So 3 + 4 = 7.\nFinal answer: 7", "7"),

@@ -9,8 +9,9 @@ from PIL import Image
 
 from mpo.data.dataset import PairDataset
 from mpo.data.packing import PackingOptions, fit_to_budget, pair_cost
-from mpo.data.records import BadPair, DataError, PreferencePair, Rejects
+from mpo.data.records import PreferencePair, Rejects
 from mpo.data.render import ImageOptions, Renderer
+from mpo.errors import BadPair, DataError
 from mpo.models.tiny import IMAGE_SEQ_LENGTH
 
 

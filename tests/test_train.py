@@ -286,7 +286,7 @@ def test_final_export_loads_with_from_pretrained(tmp_path, tiny_models, demo_dat
     Qwen-VL runs freeze the vision tower: its weights come back unchanged."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from mpo.models.families import family_of
+    from mpo.families import family_of
 
     auto = family_of(AutoConfig.from_pretrained(tiny_models[arch])).auto_class()
     data, frozen = {}, arch.startswith("qwen")

@@ -165,8 +165,8 @@ def test_qlora_and_reporter_settings_are_checked(items, match):
 def test_4bit_without_cuda_or_bitsandbytes_is_refused_before_any_data_or_model_loads(tmp_path, monkeypatch):
     """The device is only known at start (train.device=auto): the trainer refuses there, before it
     creates the run folder, indexes the data or loads a model."""
+    from mpo.distributed import Dist
     from mpo.train import trainer
-    from mpo.train.distributed import Dist
 
     cfg = load_config(None, REQUIRED + ["model.load_in_4bit=true", "lora.r=8", "deepspeed.zero_stage=0"])
     monkeypatch.setattr(trainer, "init", lambda choice: Dist(0, 1, 0, torch.device("cpu")))
@@ -183,8 +183,8 @@ def test_4bit_without_cuda_or_bitsandbytes_is_refused_before_any_data_or_model_l
 
 
 def test_wandb_listed_but_not_installed_is_refused_at_start(tmp_path, monkeypatch):
+    from mpo.distributed import Dist
     from mpo.train import trainer
-    from mpo.train.distributed import Dist
 
     cfg = load_config(None, REQUIRED + ["logging.report_to=[wandb]"])
     monkeypatch.setattr(trainer, "init", lambda choice: Dist(0, 1, 0, torch.device("cpu")))

@@ -34,8 +34,9 @@ from mpo.data.index import (
 )
 from mpo.data.packing import IGNORE, PackedBatch, PackingOptions, as_position_ids, fit_to_budget, pack_row
 from mpo.data.plan import plan_packing
-from mpo.data.records import BadPair, DataError, Rejects
+from mpo.data.records import Rejects
 from mpo.data.render import ImageOptions, RenderedPair, Renderer
+from mpo.errors import BadPair, DataError
 
 WINDOW = 64  # pairs per first-fit-decreasing window when rows are planned in data order
 
@@ -65,7 +66,7 @@ class PairDataset(torch.utils.data.Dataset):
         rendering: the matching index in `index_dir`, or one built now (in `workers` processes) and
         saved there when `index_dir` is given.
 
-        `group`: the ranks of a run building it together (`mpo.train.distributed.Phase`: `rank`,
+        `group`: the ranks of a run building it together (`mpo.distributed.Phase`: `rank`,
         `world`, `share(value)` = rank 0's value everywhere, `sync()`). Each measures its share of
         the pairs and writes it beside the index; rank 0 merges the parts, lists the rejects and
         writes the index (the same bytes as one builder's), and every rank then loads it, so the

@@ -31,7 +31,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from mpo.data.records import IMAGE_TOKEN, BadPair, DataError, PreferencePair, Rejects, check_responses
+from mpo.data.records import IMAGE_TOKEN, PreferencePair, Rejects, check_responses
+from mpo.errors import BadPair, DataError
 
 MAX_LINE_BYTES = 64 << 20
 MAX_REPEAT = 1000  # repeat_time: far above MMPR's own (at most a few), far below a read that never ends

@@ -40,8 +40,9 @@ import torch
 from mpo.atomic import save_atomic
 from mpo.data.formats import DataSource, Location, _resolve
 from mpo.data.packing import fit_to_budget
-from mpo.data.records import BadPair, DataError, Rejects
+from mpo.data.records import Rejects
 from mpo.data.render import ImageOptions, RenderedPair, Renderer
+from mpo.errors import BadPair, DataError
 
 FIELDS = {"source": "i", "offset": "q", "line": "i", "prompt": "i", "chosen": "i", "rejected": "i",
           "tiles": "i", "fingerprint": "q"}

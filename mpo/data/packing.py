@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mpo.data.records import BadPair
 from mpo.data.render import RenderedPair
+from mpo.errors import BadPair
 
 LAYOUTS = ("prefix", "plain", "none")
 OVERLONG = ("truncate", "drop")

@@ -9,7 +9,7 @@ conversation's text minus the prompt's.
 Text-only models use the tokenizer alone; without a chat template, prompts are joined by blank
 lines and responses end with the EOS token.
 
-How images become tokens is the model family's (`mpo.models.families`): the model folder's image
+How images become tokens is the model family's (`mpo.families`): the model folder's image
 processor sizes and tiles them, the family's rule says how many slots each one takes.
 """
 
@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mpo.data.records import IMAGE_TOKEN, BadPair, PreferencePair
-from mpo.models.families import family_of
+from mpo.data.records import IMAGE_TOKEN, PreferencePair
+from mpo.errors import BadPair
+from mpo.families import family_of
 
 
 @dataclass

@@ -10,8 +10,9 @@ import numpy as np
 from mpo.data.dataset import WINDOW, PairDataset
 from mpo.data.packing import PackingOptions
 from mpo.data.plan import plan_packing
-from mpo.data.records import BadPair, Rejects
+from mpo.data.records import Rejects
 from mpo.data.render import ImageOptions
+from mpo.errors import BadPair
 
 
 def check(model_dir, data, opts: PackingOptions, rejects: Rejects, *, images: ImageOptions | None = None,

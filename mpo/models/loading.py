@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from mpo.data.packing import SHARED, PackedBatch, as_position_ids
+from mpo.families import family_of
 from mpo.logprobs import linear_sequence_logps
-from mpo.models.families import family_of
 from mpo.models.packed_attention import PackingInfo, register
 from mpo.models.quantized import bnb_4bit
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from mpo.atomic import save_atomic, write_text_atomic
-from mpo.models.families import family_of
+from mpo.families import family_of
 
 ADAPTER = "default"  # peft's adapter name for the only adapter
 

@@ -23,7 +23,7 @@ import re
 
 import torch
 
-from mpo.models.families import family_of
+from mpo.families import family_of
 
 
 def require_4bit(device: torch.device) -> None:

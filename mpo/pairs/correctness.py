@@ -16,41 +16,12 @@ correct response).
 from __future__ import annotations
 
 import random
-import re
 from collections import Counter
 
-from mpo.data.records import BadPair
-from mpo.pairs.answers import answer_kind, extract_answer, is_correct
-from mpo.pairs.generate import Completion, Request, Sampler
-from mpo.pairs.prompts import PromptRecord
-
-INSTRUCTION = "Think step by step, then finish your response with a last line of the form \"Final answer: <answer>\"."
-
-
-def question_with_instruction(question: str, instruction: str) -> str:
-    return f"{question}\n{instruction}" if instruction else question
-
-
-def asked(records: list[PromptRecord], samples: int, instruction: str) -> list[Request]:
-    """`samples` requests per record (keyed "<id>#<sample>"), its question with the instruction."""
-    return [Request(f"{r.id}#{s}", ({"role": "user", "content": question_with_instruction(r.question, instruction)},),
-                    r.images) for r in records for s in range(samples)]
-
-
-def contains_answer(text: str, answer: str) -> bool:
-    """Does `text` hold the ground truth as a token of its own? Never for option letters and yes/no,
-    which appear in almost any text ("a", "no") without meaning the answer."""
-    if answer_kind(answer) in ("choice", "yes_no"):
-        return False
-    return re.search(rf"(?<![\w.]){re.escape(answer.strip())}(?!\w|\.\d)", text, re.IGNORECASE) is not None
-
-
-def verdict(text: str, answer: str) -> str:
-    """correct, wrong, or unparsable (no "Final answer:" trigger)."""
-    said = extract_answer(text)
-    if said is None:
-        return "unparsable"
-    return "correct" if is_correct(said, answer) else "wrong"
+from mpo.errors import BadPair
+from mpo.generation.judging import INSTRUCTION, contains_answer, question_with_instruction, requests_for, verdict
+from mpo.generation.prompts import PromptRecord
+from mpo.generation.sampler import Completion, Sampler
 
 
 def judge_and_pair(record: PromptRecord, responses: list[Completion], *, question: str, max_pairs: int,
@@ -91,7 +62,7 @@ def correctness_process(sampler: Sampler, *, samples: int, max_pairs: int, instr
     """The per-chunk step of `mpo pairs correctness` (see `mpo.pairs.run.build`)."""
     def process(chunk: list[PromptRecord]) -> list[dict]:
         questions = {r.id: question_with_instruction(r.question, instruction) for r in chunk}
-        texts = sampler.generate(asked(chunk, samples, instruction), temperature=temperature, seed=seed)
+        texts = sampler.generate(requests_for(chunk, samples, instruction), temperature=temperature, seed=seed)
         results = []
         for k, r in enumerate(chunk):
             mine = texts[k * samples:(k + 1) * samples]

@@ -13,9 +13,10 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from mpo.data.records import IMAGE_TOKEN, BadPair
-from mpo.pairs.generate import Request, Sampler
-from mpo.pairs.prompts import PromptRecord
+from mpo.data.records import IMAGE_TOKEN
+from mpo.errors import BadPair
+from mpo.generation.prompts import PromptRecord
+from mpo.generation.sampler import Request, Sampler
 
 
 def cut(text: str, ratio: float) -> str | None:

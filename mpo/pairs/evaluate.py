@@ -1,13 +1,13 @@
 """`mpo eval`: how many held-out questions a model answers correctly.
 
 The prompts file is `mpo pairs correctness`'s (question, answer, optional images); each question gets
-the same instruction and is rendered and sampled the same way (`mpo.pairs.generate`), and judged by
-the same rules (`mpo.pairs.answers`), so what the pair builder calls correct is what this counts.
+the same instruction and is rendered and sampled the same way (`mpo.generation.sampler`), and judged by
+the same rules (`mpo.generation.answers`), so what the pair builder calls correct is what this counts.
 Greedy decoding by default; with K samples per question, `accuracy` is the mean share of correct
 samples (an estimate of pass@1) and `pass@K` the share of questions with a correct sample.
 A question that cannot be rendered (an unreadable image), or that is refused before sampling (a
 special token of the tokenizer typed into it, no room for the answer within the model's positions:
-`mpo.pairs.prompts.refusal`), counts as answered wrongly, with its reason and its file:line.
+`mpo.generation.prompts.refusal`), counts as answered wrongly, with its reason and its file:line.
 Sharded over `torchrun` ranks and resumable like the pair builders (`mpo.pairs.run`); rank 0 writes
   OUT/eval.json      accuracy, pass@K, the share of responses with the "Final answer:" trigger and
                      of truncated ones (no end-of-turn within --max-new-tokens), per-reason counts
@@ -22,12 +22,12 @@ from collections import Counter
 from pathlib import Path
 
 from mpo.atomic import write_text_atomic
-from mpo.data.records import BadPair
-from mpo.pairs.answers import extract_answer
-from mpo.pairs.correctness import asked, question_with_instruction, verdict
-from mpo.pairs.generate import Sampler
+from mpo.errors import BadPair
+from mpo.generation.answers import extract_answer
+from mpo.generation.judging import question_with_instruction, requests_for, verdict
+from mpo.generation.prompts import PromptRecord
+from mpo.generation.sampler import Sampler
 from mpo.pairs.output import read_results
-from mpo.pairs.prompts import PromptRecord
 
 
 def eval_process(sampler: Sampler, *, samples: int, instruction: str, temperature: float, seed: int,
@@ -38,7 +38,7 @@ def eval_process(sampler: Sampler, *, samples: int, instruction: str, temperatur
 
     def process(chunk: list[PromptRecord]) -> list[dict]:
         todo = [r for r in chunk if r.id not in refused]
-        done = iter(sampler.generate(asked(todo, samples, instruction), temperature=temperature, seed=seed))
+        done = iter(sampler.generate(requests_for(todo, samples, instruction), temperature=temperature, seed=seed))
         return [judge(r, question_with_instruction(r.question, instruction),
                       [refused[r.id]] if r.id in refused else [next(done) for _ in range(samples)])
                 for r in chunk]

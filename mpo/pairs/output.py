@@ -24,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 from mpo.atomic import write_text_atomic
-from mpo.data.records import DataError
+from mpo.errors import DataError
 
 
 class ResultLog:

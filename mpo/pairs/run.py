@@ -1,52 +1,25 @@
 """The loop the pair builders and `mpo eval` share: shard over ranks, skip what is done, record, merge.
 
-Under `torchrun` each rank takes prompts k with k % world == rank and writes its own result file;
-after a barrier (gloo: it is the only collective needed) rank 0 writes the output (the MMPR folder,
-or the evaluation report). Without a launcher it is one rank. See `mpo.pairs.output` for the files
-and how a rerun resumes.
+Under a launcher each rank takes prompts k with k % world == rank and writes its own result file;
+when every rank is done, rank 0 writes the output (the MMPR folder, or the evaluation report).
+The whole run is one `mpo.distributed.Phase`: ranks meet without a time limit (one rank may finish
+its slice hours before another) and a rank that fails ends the others with its message. Without a
+launcher it is one rank. See `mpo.pairs.output` for the files and how a rerun resumes.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
-import torch
-
 from mpo.atomic import write_text_atomic
+from mpo.distributed import Dist, Phase
+from mpo.generation.prompts import PromptRecord
 from mpo.pairs.output import ResultLog, write_mmpr
-from mpo.pairs.prompts import PromptRecord
 
 
-@dataclass(frozen=True)
-class Ranks:
-    rank: int
-    world: int
-    device: torch.device
-
-    @classmethod
-    def init(cls, device: str = "auto") -> Ranks:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1 and not torch.distributed.is_initialized():
-            # only barriers: one rank may finish its slice (or rank 0 its merge) hours before another
-            torch.distributed.init_process_group("gloo", timeout=timedelta(days=7))
-        rank = int(os.environ.get("RANK", "0"))
-        cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-        if cuda and not torch.cuda.is_available():
-            raise ValueError("--device cuda but no CUDA device is available")
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        return cls(rank, world, torch.device("cuda", local) if cuda else torch.device("cpu"))
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-
-def run_prompts(records: list[PromptRecord], out_dir: str | Path, *, ranks: Ranks,
+def run_prompts(records: list[PromptRecord], out_dir: str | Path, *, dist: Dist,
                 process: Callable[[list[PromptRecord]], list[dict]], chunk: int, desc: str, settings: dict,
                 progress: bool = True) -> None:
     """Run `process` over this rank's unfinished prompts, `chunk` at a time, each result appended to
@@ -55,10 +28,10 @@ def run_prompts(records: list[PromptRecord], out_dir: str | Path, *, ranks: Rank
     from tqdm import tqdm
 
     check_settings(Path(out_dir), settings)
-    log = ResultLog(out_dir, ranks.rank)
+    log = ResultLog(out_dir, dist.rank)
     try:
-        mine = [r for k, r in enumerate(records) if k % ranks.world == ranks.rank and r.id not in log.finished]
-        with tqdm(total=len(mine), desc=desc, unit="prompt", disable=not progress or ranks.rank != 0) as bar:
+        mine = [r for k, r in enumerate(records) if k % dist.world == dist.rank and r.id not in log.finished]
+        with tqdm(total=len(mine), desc=desc, unit="prompt", disable=not progress or dist.rank != 0) as bar:
             for lo in range(0, len(mine), chunk):
                 for result in process(mine[lo:lo + chunk]):
                     log.append(result)
@@ -67,25 +40,21 @@ def run_prompts(records: list[PromptRecord], out_dir: str | Path, *, ranks: Rank
         log.close()
 
 
-def merged(ranks: Ranks, write: Callable[[], dict]):
+def written_by_rank0(phase: Phase, write: Callable[[], dict]):
     """`write()`'s value on rank 0 once every rank has finished its prompts; None on the others."""
-    ranks.barrier()
-    out = None
-    try:
-        if ranks.rank == 0:
-            out = write()
-    finally:  # the other ranks wait for the merge, whether it worked or not
-        ranks.barrier()
-    return out
+    phase.sync()
+    return write() if phase.dist.main else None
 
 
-def build(records: list[PromptRecord], out_dir: str | Path, *, name: str, image_root: Path, ranks: Ranks,
+def build(records: list[PromptRecord], out_dir: str | Path, *, name: str, image_root: Path, dist: Dist,
           process: Callable[[list[PromptRecord]], list[dict]], chunk: int, desc: str, settings: dict,
           images: str = "link", progress: bool = True) -> dict | None:
     """The pair builders' run: `run_prompts`, then rank 0 writes the MMPR folder -> counts (rank 0)."""
-    run_prompts(records, out_dir, ranks=ranks, process=process, chunk=chunk, desc=desc,
-                settings={"name": name, **settings}, progress=progress)
-    return merged(ranks, lambda: write_mmpr(out_dir, name, [r.id for r in records], image_root, images=images))
+    with Phase(dist, desc) as phase:
+        run_prompts(records, out_dir, dist=dist, process=process, chunk=chunk, desc=desc,
+                    settings={"name": name, **settings}, progress=progress)
+        return written_by_rank0(phase, lambda: write_mmpr(out_dir, name, [r.id for r in records], image_root,
+                                                          images=images))
 
 
 def check_settings(out_dir: Path, settings: dict) -> None:

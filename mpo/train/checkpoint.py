@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from mpo.atomic import save_atomic
-from mpo.train.distributed import Dist, Phase, all_gather_objects, barrier
+from mpo.distributed import Dist, Phase, all_gather_objects, barrier
 from mpo.train.state import load_state, read_tensors, save_state
 
 

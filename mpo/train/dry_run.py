@@ -103,7 +103,7 @@ def skeleton(path: str, cfg: Config, *, policy: bool = True) -> Skeleton:
     policy frozen and given its LoRA adapters as the trainer's `engine.build` does."""
     from transformers import AutoConfig
 
-    from mpo.models.families import family_of
+    from mpo.families import family_of
     from mpo.models.lora import add_lora
     from mpo.train.engine import freeze
 
@@ -281,7 +281,7 @@ def _offload(ds_config: dict, what: str) -> bool:
 def dry_run(cfg: Config, *, ranks: int = 1, gpu_memory_gb: float = 80.0) -> dict:
     """The plan, the parameter counts and the per-rank memory forecast of `cfg` on `ranks` ranks
     with `gpu_memory_gb` GiB each."""
-    from mpo.models.families import family_of
+    from mpo.families import family_of
     from mpo.train.engine import DTYPES, deepspeed_config
     from mpo.train.reference import base_is_reference
 

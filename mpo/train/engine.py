@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 
+from mpo.distributed import Dist
+from mpo.families import family_of
 from mpo.losses import RewardShift
-from mpo.models.families import family_of
 from mpo.models.fused_head import PolicyWithLoss
 from mpo.models.loading import load_model, logit_softcap
 from mpo.models.lora import add_lora
 from mpo.mpo_loss import MPOLoss
 from mpo.train.config import Config
-from mpo.train.distributed import Dist
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

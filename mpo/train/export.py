@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 
 from mpo.atomic import save_atomic, write_text_atomic
+from mpo.distributed import Dist, Phase
 from mpo.models.loading import lm_head
 from mpo.models.lora import merge, merged_sources, save_adapter
 from mpo.models.quantized import is_4bit
-from mpo.train.distributed import Dist, Phase
 
 MODEL_FILES = re.compile(r"(model.*\.safetensors|pytorch_model.*\.bin|.*\.safetensors\.index\.json|config\.json|"
                          r"generation_config\.json)$")

@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 
 from mpo.atomic import write_text_atomic
-from mpo.data.records import BadPair, DataError
 from mpo.data.render import ImageOptions, Renderer
-from mpo.models.families import family_of
+from mpo.distributed import Dist, Phase, all_gather_objects, all_sum
+from mpo.errors import BadPair, DataError
+from mpo.families import family_of
+from mpo.generation.judging import INSTRUCTION, requests_for, verdict
+from mpo.generation.prompts import positions, read_prompts, refusal
+from mpo.generation.sampler import Sampler
 from mpo.models.loading import enable_packed_attention
-from mpo.pairs.correctness import INSTRUCTION, asked, verdict
-from mpo.pairs.generate import Sampler
-from mpo.pairs.prompts import positions, read_prompts, refusal
-from mpo.train.distributed import Dist, Phase, all_gather_objects, all_sum
 
 
 class GenerationEval:
@@ -44,7 +44,7 @@ class GenerationEval:
         self.renderer = Renderer(model_dir, images)
         limit = positions(AutoConfig.from_pretrained(model_dir))
         mine = self.records[dist.rank::dist.world]
-        for r, request in zip(mine, asked(mine, 1, INSTRUCTION)):
+        for r, request in zip(mine, requests_for(mine, 1, INSTRUCTION)):
             try:
                 self.renderer.prompt(request.messages, request.images)
             except BadPair as bad:
@@ -65,7 +65,7 @@ class GenerationEval:
         mine = list(range(rank, len(self.records), world))
         share = -(-len(self.records) // world)
         padded = mine + [mine[0] if mine else 0] * (share - len(mine))
-        requests = asked([self.records[k] for k in padded], 1, INSTRUCTION)
+        requests = requests_for([self.records[k] for k in padded], 1, INSTRUCTION)
         sampler = Sampler(model, self.renderer, device=self.dist.device, dtype=dtype,
                           max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, synced=self.synced)
         was_training = model.training

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from mpo.atomic import write_text_atomic
-from mpo.models.families import family_of
+from mpo.families import family_of
 
 # Dense bf16 peak FLOP/s by GPU name, first match wins (none known on CPUs: no MFU there).
 PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12),

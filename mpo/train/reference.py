@@ -28,11 +28,11 @@ import torch
 from mpo.atomic import save_atomic
 from mpo.data.dataset import PairDataset
 from mpo.data.index import tree_digest
+from mpo.distributed import Dist, Phase
 from mpo.models.loading import load_model, pair_logps
 from mpo.models.lora import adapters_disabled
-from mpo.pair_logps import run_pass, save_pair_logps
+from mpo.models.reference_pass import run_pass, save_pair_logps
 from mpo.train.config import Config
-from mpo.train.distributed import Dist, Phase
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".jinja", ".txt", ".model", ".tiktoken")
 

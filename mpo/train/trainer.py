@@ -34,13 +34,13 @@ from mpo.data.index import rendering_options
 from mpo.data.packing import PackingOptions
 from mpo.data.records import Rejects
 from mpo.data.render import ImageOptions
-from mpo.models.families import family_of
+from mpo.distributed import Dist, Phase, barrier, init
+from mpo.families import family_of
 from mpo.models.loading import lm_head
 from mpo.models.quantized import require_4bit
 from mpo.train import checkpoint, export
 from mpo.train.config import Config, dump, saved_in_current_keys
 from mpo.train.data import TrainPlan
-from mpo.train.distributed import Dist, Phase, barrier, init
 from mpo.train.engine import build, deepspeed_config, role_lrs, train_dtype
 from mpo.train.generation_eval import GenerationEval
 from mpo.train.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_gb, require_reporters

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from mpo.data.records import BadPair
 from mpo.data.render import ImageOptions, Renderer
+from mpo.errors import BadPair
 
 
 @dataclass(frozen=True)

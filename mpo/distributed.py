@@ -37,8 +37,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init(device_choice: str = "auto") -> Dist:
-    """Initialise torch.distributed through DeepSpeed (idempotent) and pick this rank's device."""
+def init(device_choice: str = "auto", *, setting: str = "train.device") -> Dist:
+    """Initialise torch.distributed through DeepSpeed (idempotent) and pick this rank's device
+    (`setting`: the key or flag `device_choice` came from, for the error)."""
     import deepspeed
 
     if "RANK" not in os.environ:  # no launcher: a group of one
@@ -46,7 +47,7 @@ def init(device_choice: str = "auto") -> Dist:
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
     cuda = torch.cuda.is_available() if device_choice == "auto" else device_choice == "cuda"
     if cuda and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA device is available")
+        raise ValueError(f"{setting} cuda: no CUDA device is available")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local_rank)

@@ -21,7 +21,7 @@ import contextlib
 
 import torch
 
-from mpo.data.records import BadPair
+from mpo.errors import BadPair
 
 
 class Family:

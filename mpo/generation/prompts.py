@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mpo.data.formats import check_regular_file, file_lines, with_placeholders
-from mpo.data.records import BadPair, DataError
 from mpo.data.render import Renderer
-from mpo.pairs.generate import Request
+from mpo.errors import BadPair, DataError
+from mpo.generation.sampler import Request
 
 
 @dataclass(frozen=True)

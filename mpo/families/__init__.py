@@ -8,9 +8,9 @@ blank image) listed in FAMILIES, and its tiny model in `mpo.models.tiny` for the
 
 from __future__ import annotations
 
-from mpo.models.families.base import Family, ImageTokens
-from mpo.models.families.internvl import InternVL
-from mpo.models.families.qwen_vl import QwenVL
+from mpo.families.base import Family, ImageTokens
+from mpo.families.internvl import InternVL
+from mpo.families.qwen_vl import QwenVL
 
 FAMILIES = (InternVL, QwenVL)
 

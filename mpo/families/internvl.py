@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from mpo.models.families.base import Family, ImageTokens
+from mpo.families.base import Family, ImageTokens
 
 
 class InternVL(Family):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from mpo.models.families.base import Family, ImageTokens
+from mpo.families.base import Family, ImageTokens
 
 VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
 
