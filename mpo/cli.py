@@ -88,16 +88,15 @@ def _data_source(args: argparse.Namespace):
 
 
 def _logps(args: argparse.Namespace) -> int:
-    import torch
-
     from mpo.data.records import Rejects
+    from mpo.models.loading import DTYPES
     from mpo.models.reference_pass import compute_pair_logps
 
     _quiet_transformers()
     out = Path(args.out)
     rejects = Rejects(Path(args.rejects) if args.rejects else out.with_name(out.name + ".rejects.jsonl"),
                       strict=args.strict)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = DTYPES[args.dtype]
 
     def progress(pairs, tokens):
         print(f"\r{pairs} pairs, {tokens} row tokens", end="", file=sys.stderr, flush=True)
@@ -224,14 +223,10 @@ def _dry_run(args: argparse.Namespace) -> int:
 
 
 def _ref_logps(args: argparse.Namespace) -> int:
-    from mpo.train.config import load_config
     from mpo.train.trainer import reference_caches
 
     _quiet_transformers()
-    cfg = load_config(args.config, args.overrides)
-    if args.output_dir:
-        cfg.train.output_dir = args.output_dir
-    for split, path in reference_caches(cfg).items():
+    for split, path in reference_caches(_train_config(args)).items():
         print(f"reference log-probs ({split}): {path}")
     return 0
 
@@ -295,6 +290,7 @@ def _sampling(args: argparse.Namespace, source: Path, *, need: str, allow_outsid
 
 def _pairs(args: argparse.Namespace) -> int:
     from mpo.errors import DataError
+    from mpo.generation.answers import judge
     from mpo.generation.judging import INSTRUCTION, requests_for
     from mpo.pairs.correctness import correctness_process
     from mpo.pairs.dropout_ntp import continuation, dropout_process
@@ -320,7 +316,8 @@ def _pairs(args: argparse.Namespace) -> int:
         first = next(r for r in records if r.id in refused)
         raise DataError(f"{first.source}: {refused[first.id]}")
     settings = {k: v for k, v in vars(args).items() if k in SAMPLING_SETTINGS}
-    settings.update(builder=args.pairs_command, model=str(Path(args.model).resolve()), input=str(source.resolve()))
+    settings.update(builder=args.pairs_command, model=str(Path(args.model).resolve()), input=str(source.resolve()),
+                    judge=judge() if correctness else None)
     if correctness:
         process = correctness_process(sampler, samples=args.samples, max_pairs=args.max_pairs,
                                       instruction=instruction,
@@ -342,6 +339,7 @@ def _pairs(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from mpo.distributed import Phase
+    from mpo.generation.answers import judge
     from mpo.generation.judging import INSTRUCTION, requests_for
     from mpo.pairs.evaluate import eval_process, write_report
     from mpo.pairs.run import run_prompts, written_by_rank0
@@ -354,7 +352,7 @@ def _eval(args: argparse.Namespace) -> int:
                                                  allow_outside_root=args.allow_outside_root, images_need_vision=True,
                                                  request=lambda r: requests_for([r], 1, instruction)[0])
     settings = {k: v for k, v in vars(args).items() if k in SAMPLING_SETTINGS}
-    settings.update(builder="eval", model=str(Path(args.model).resolve()),
+    settings.update(builder="eval", model=str(Path(args.model).resolve()), judge=judge(),
                     input=str(Path(args.prompts).resolve()), temperature=temperature, instruction=instruction)
     process = eval_process(sampler, samples=args.samples, instruction=instruction, temperature=temperature,
                            seed=args.seed, refused=refused)

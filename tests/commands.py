@@ -1,5 +1,5 @@
 """Running `mpo` commands from tests: a clean environment, the launcher (torchrun for several ranks),
-JSONL in and out."""
+training configs for the tiny models, JSONL in and out."""
 
 import json
 import os
@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+
+import yaml
 
 
 def env():
@@ -25,21 +27,47 @@ def lines(path):
     return [x for x in path.read_text(encoding="utf-8").split("\n") if x]
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher(ranks=1):
+    return [sys.executable, "-m", "mpo"] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}", f"--master-port={free_port()}",
+        "-m", "mpo"]
+
+
 def mpo_cmd(*args, ranks=1):
-    launcher = [sys.executable, "-m", "mpo"]
-    if ranks > 1:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
-                    f"--master-port={port}", "-m", "mpo"]
-    return [*launcher, *map(str, args)]
+    return [*launcher(ranks), *map(str, args)]
 
 
-def run(*args, ranks=1, timeout=900):
+def mpo(*args, ranks=1, check=True, timeout=900):
+    """Run `mpo ARGS` to its end (-> the CompletedProcess); check: it must succeed."""
     proc = subprocess.run(mpo_cmd(*args, ranks=ranks), capture_output=True, text=True, env=env(), timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
+
+
+def write_config(path, model_dir, demo_data, **sections):
+    """A training config: `model_dir` on the demo data, 4 ZeRO-3 steps of 8 pairs on the CPU, the run
+    in PATH's folder/run unless --output-dir says otherwise; `sections` update it key by key."""
+    cfg = {
+        "model": {"path": str(model_dir), "dtype": "fp32"},
+        "data": {"train": str(demo_data / "meta.json"), "eval": str(demo_data / "meta_heldout.json")},
+        "loss": {"impl": "torch"},
+        "optim": {"lr": 1e-3, "warmup_ratio": 0.0},
+        "train": {"output_dir": str(path.parent / "run"), "device": "cpu", "max_steps": 4, "global_batch_pairs": 8,
+                  "max_tokens_per_row": 512},
+        "deepspeed": {"zero_stage": 3},
+        "logging": {"progress": False, "report_to": []},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
 
 
 def killed_after(args, results, n):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from commands import write_config
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs, model_to_params
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
@@ -69,22 +69,6 @@ def shaped(tiny_dir, out, arch):
     config_only(tiny_dir, out)
     config.save_pretrained(out)
     return out
-
-
-def write_config(path, model_dir, demo_data, **sections):
-    cfg = {
-        "model": {"path": str(model_dir), "dtype": "fp32"},
-        "data": {"train": str(demo_data / "meta.json"), "num_workers": 0},
-        "loss": {"impl": "torch"},
-        "train": {"output_dir": str(path.parent / "run"), "device": "cpu", "max_steps": 4, "global_batch_pairs": 8,
-                  "max_tokens_per_row": 512},
-        "deepspeed": {"zero_stage": 3},
-        "logging": {"progress": False, "report_to": []},
-    }
-    for section, values in sections.items():
-        cfg.setdefault(section, {}).update(values)
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 @pytest.fixture(scope="module")

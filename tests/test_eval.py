@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from commands import killed_after, lines, run, write_jsonl
+from commands import killed_after, lines, mpo, write_jsonl
 
 from mpo.distributed import Dist
 from mpo.generation.prompts import read_prompts
@@ -70,7 +70,7 @@ def test_a_question_that_cannot_be_rendered_counts_as_wrong(tmp_path, tiny_model
     (tmp_path / "bad.png").write_bytes(b"not a png at all")
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"question": "Colour?", "answer": "red", "image": "good.png"},
                                                  {"question": "Colour?", "answer": "red", "image": "bad.png"}])
-    run("eval", "--model", tiny_models["internvl"], "--prompts", prompts, "--out", tmp_path / "out",
+    mpo("eval", "--model", tiny_models["internvl"], "--prompts", prompts, "--out", tmp_path / "out",
         "--max-new-tokens", "3")
     report = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert report["questions"] == 2 and report["counts"]["corrupt_image"] == 1 and report["counts"]["responses"] == 1
@@ -80,15 +80,17 @@ def test_a_question_that_cannot_be_rendered_counts_as_wrong(tmp_path, tiny_model
 
 def test_images_on_the_tiny_internvl_match_the_sampler(tmp_path, tiny_models, demo_data):
     """The command's greedy responses are the model's own greedy continuations of the rendered prompts."""
+    from mpo.generation.answers import judge
     from mpo.generation.judging import INSTRUCTION, question_with_instruction
     from mpo.generation.sampler import Request, Sampler
 
     source = (demo_data / "annotations" / "count_train.jsonl").read_text().splitlines()[:5]
     prompts = write_jsonl(tmp_path / "count.jsonl", [json.loads(x) for x in source])
-    printed = run("eval", "--model", tiny_models["internvl"], "--prompts", prompts, "--image-root", demo_data,
+    printed = mpo("eval", "--model", tiny_models["internvl"], "--prompts", prompts, "--image-root", demo_data,
                   "--out", tmp_path / "out", "--max-new-tokens", "6", "--batch-size", "1").stdout
     report = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert report["questions"] == 5 and report["settings"]["temperature"] == 0.0 and "accuracy=" in printed
+    assert report["settings"]["judge"] == judge() and judge().startswith("mpo")
     items = [json.loads(x) for x in lines(tmp_path / "out" / "items.jsonl")]
     records = read_prompts(prompts, need="answer", image_root=demo_data)
     sampler = Sampler.load(tiny_models["internvl"], device=torch.device("cpu"), max_new_tokens=6)
@@ -106,7 +108,7 @@ def test_resumes_after_a_kill_and_refuses_other_settings(tmp_path, tiny_models, 
                                                  for k in range(10)])
     args = ["eval", "--model", tiny_models["llama"], "--prompts", prompts, "--max-new-tokens", "12",
             "--batch-size", "1", "--samples", "2", "--temperature", "0.7"]
-    run(*args, "--out", tmp_path / "clean")
+    mpo(*args, "--out", tmp_path / "clean")
     out = tmp_path / "out"
     results = out / "work" / "results.rank0.jsonl"
     done_before = killed_after([*args, "--out", out], results, 2)
@@ -114,7 +116,7 @@ def test_resumes_after_a_kill_and_refuses_other_settings(tmp_path, tiny_models, 
     assert 2 <= len(done_before) < 10
     with results.open("a") as f:
         f.write('{"id": "9", "que')  # as if killed mid-line
-    run(*args, "--out", out)
+    mpo(*args, "--out", out)
     after = lines(results)
     assert after[:len(done_before)] == done_before and len(after) == 10  # nothing redone, nothing twice
     assert (out / "items.jsonl").read_text() == (tmp_path / "clean" / "items.jsonl").read_text()

@@ -82,3 +82,20 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, wandb_calls):
     ids = [c[1]["id"] for c in wandb_calls if c[0] == "init"]
     assert ids[0] == ids[1] != ids[2]
     assert [c[2] for c in wandb_calls if c[0] == "log"][3:6] == [3, 4, 4]  # after the resume: its own steps
+
+
+def test_a_missing_tensorboard_is_said_once_and_skipped(monkeypatch, capsys):
+    import importlib.util
+
+    from mpo.train.metrics import reporters
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("tensorboard", "wandb")
+                        else real(name, *a))
+    assert reporters(["tensorboard"], main=True) == []
+    assert "names tensorboard, which is not installed" in capsys.readouterr().err
+    assert reporters(["tensorboard"], main=False) == [] and not capsys.readouterr().err
+    with pytest.raises(ImportError, match="names wandb, which is not installed"):
+        reporters(["tensorboard", "wandb"], main=True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    assert reporters(["tensorboard", "wandb"], main=True) == ["tensorboard", "wandb"]

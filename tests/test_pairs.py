@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from commands import killed_after, lines, run, write_jsonl
+from commands import killed_after, lines, mpo, write_jsonl
 
 from mpo.distributed import Dist
 from mpo.errors import DataError
@@ -308,7 +308,7 @@ def test_dropout_ntp_with_images_resumes_after_a_kill(tmp_path, tiny_models, dem
     assert 2 <= len(done_before) < 8
     with results.open("a") as f:
         f.write('{"id": "7", "cou')  # as if killed mid-line
-    printed = run(*args).stdout
+    printed = mpo(*args).stdout
     after = lines(results)
     assert after[:len(done_before)] == done_before and len(after) == 8  # nothing redone, nothing twice
     rows = annotations(out)
@@ -329,7 +329,7 @@ def test_dropout_ntp_with_images_resumes_after_a_kill(tmp_path, tiny_models, dem
 
 def test_two_ranks_shard_and_merge_in_input_order(tmp_path, tiny_models, demo_data, count_prompts):
     out = tmp_path / "out"
-    run("pairs", "dropout-ntp", "--model", tiny_models["internvl"], "--data", count_prompts, "--image-root", demo_data,
+    mpo("pairs", "dropout-ntp", "--model", tiny_models["internvl"], "--data", count_prompts, "--image-root", demo_data,
         "--out", out, "--max-new-tokens", "8", "--batch-size", "4", ranks=2)
     per_rank = [len(lines(out / "work" / f"results.rank{r}.jsonl")) for r in (0, 1)]
     assert per_rank == [4, 4] and set(read_results(out / "work")) == {str(k) for k in range(1, 9)}
@@ -340,7 +340,7 @@ def test_two_ranks_shard_and_merge_in_input_order(tmp_path, tiny_models, demo_da
 def test_correctness_command_with_the_tiny_model(tmp_path, tiny_models, demo_data, count_prompts):
     """The random tiny model never writes the trigger: every response is a format negative."""
     out = tmp_path / "out"
-    printed = run("pairs", "correctness", "--model", tiny_models["internvl"], "--prompts", count_prompts,
+    printed = mpo("pairs", "correctness", "--model", tiny_models["internvl"], "--prompts", count_prompts,
                   "--image-root", demo_data, "--out", out, "--samples", "3", "--max-new-tokens", "8").stdout
     summary = json.loads((out / "summary.json").read_text())
     assert 0 < summary.pop("truncated") <= 24  # (8 random tokens rarely hold an end-of-turn)
@@ -373,7 +373,7 @@ def test_real_lm_correctness_pairs_then_train(tmp_path, smollm2):
     prompts = write_jsonl(tmp_path / "arith.jsonl", [{"id": f"a{k}", "question": f"What is {q}?", "answer": a}
                                                     for k, (q, a) in enumerate(ARITHMETIC)])
     out = tmp_path / "pairs"
-    run("pairs", "correctness", "--model", smollm2, "--prompts", prompts, "--out", out, "--samples", "16",
+    mpo("pairs", "correctness", "--model", smollm2, "--prompts", prompts, "--out", out, "--samples", "16",
         "--max-pairs", "4", "--temperature", "0.8", "--max-new-tokens", "40", "--instruction", INSTRUCTION)
     rows = annotations(out)
     summary = json.loads((out / "summary.json").read_text())
@@ -392,7 +392,7 @@ def test_real_lm_correctness_pairs_then_train(tmp_path, smollm2):
         "train": {"device": "cpu", "max_steps": 2, "global_batch_pairs": 2, "max_tokens_per_row": 1024},
         "deepspeed": {"zero_stage": 0}, "checkpoint": {"export_final": False},
         "logging": {"progress": False, "report_to": []}}))
-    run("train", config, "--output-dir", tmp_path / "run")
+    mpo("train", config, "--output-dir", tmp_path / "run")
     steps = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps if r["split"] == "train"] == [1, 2]
     assert all(r["step_applied"] and r["loss"] == r["loss"] for r in steps if r["split"] == "train")

@@ -97,3 +97,15 @@ def test_math_verify_is_optional(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_math_verify)
     assert not answers._math_verify("x+1", "1+x")
     assert is_correct("\\frac{3}{4}", "0.75")
+
+
+def test_the_judge_names_math_verify_when_it_is_installed(monkeypatch):
+    import importlib.metadata
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.7.0")
+    assert answers.judge() == "mpo+math-verify 0.7.0"
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    assert answers.judge() == "mpo"

@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from commands import env
+from commands import env, write_config
 from test_index import write_messy_data
-from test_train import write_config
 
 from mpo.data.dataset import PairDataset
 from mpo.data.packing import PackingOptions
@@ -77,7 +76,7 @@ def test_a_failure_while_indexing_ends_every_rank(tmp_path, tiny_models, demo_da
 @pytest.mark.parametrize("fail", range(RANKS))
 def test_a_failure_while_preparing_the_reference_ends_every_rank(tmp_path, tiny_models, demo_data, fail):
     """Under ZeRO-3 the other ranks are then inside the reference forward's parameter gathers."""
-    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, data={"eval": ""})
+    config = write_config(tmp_path / "c.yaml", tiny_models["internvl"], demo_data, data={"eval": ""})
     ended_by(fail, *on_ranks("mpo", fail, "mpo.train.reference:ReferenceModel.sums", "ref-logps", config,
                              "--output-dir", tmp_path / "run"))
     assert not (tmp_path / "run" / "reference_logps.safetensors").exists()
@@ -89,7 +88,7 @@ def test_a_failure_while_exporting_ends_every_rank(tmp_path, tiny_models, demo_d
     partitioned: the tiny model's would all stay whole on every rank by default)."""
     partitioned = tmp_path / "ds.json"
     partitioned.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
-    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, data={"eval": ""},
+    config = write_config(tmp_path / "c.yaml", tiny_models["internvl"], demo_data, data={"eval": ""},
                           train={"max_steps": 1, "global_batch_pairs": 4},
                           loss={"impl": "torch", "types": ["sft"], "weights": [1.0]},
                           deepspeed={"config": str(partitioned)})

@@ -13,8 +13,7 @@ import time
 
 import pytest
 import torch
-from commands import env
-from test_train import launcher, mpo, write_config
+from commands import env, launcher, mpo, write_config
 
 HOLDER = """
 import sys, time
@@ -82,7 +81,7 @@ def test_a_second_run_on_a_folder_is_refused_and_a_killed_one_resumes(tmp_path, 
     """A second `mpo train` (with or without --resume, on one rank or two) or `mpo ref-logps` on a folder a
     run holds is refused naming the holder, and touches nothing; once the holder is SIGKILLed, --resume
     works with no clean-up."""
-    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, train={"max_steps": 6},
+    config = write_config(tmp_path / "c.yaml", tiny_models["internvl"], demo_data, train={"max_steps": 6},
                           deepspeed={"zero_stage": 0}, checkpoint={"every_steps": 2, "export_final": False},
                           data={"eval": ""})
     run = tmp_path / "run"
@@ -115,7 +114,7 @@ def test_a_checkpoint_that_cannot_be_written_leaves_no_temporary_folder(tmp_path
     naming the file, and no `.checkpoint-<step>.tmp` waits for the next start."""
     import resource
 
-    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, train={"max_steps": 1},
+    config = write_config(tmp_path / "c.yaml", tiny_models["internvl"], demo_data, train={"max_steps": 1},
                           deepspeed={"zero_stage": 0}, data={"eval": ""})
     run = tmp_path / "run"
     limit = 800 * 1024  # above the index and reference files, below a checkpoint's optimizer state
@@ -148,7 +147,7 @@ def test_a_damaged_optimizer_file_on_two_ranks_ends_each_with_one_line(tmp_path,
     """A flipped byte (found by the digests) or a damaged header under digests rewritten to match it (found
     by one rank alone, reading its own file): every rank exits 1 with one line naming the file, none aborts,
     none shows a traceback or goes on training."""
-    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, train={"max_steps": 2},
+    config = write_config(tmp_path / "c.yaml", tiny_models["internvl"], demo_data, train={"max_steps": 2},
                           deepspeed={"zero_stage": 0}, checkpoint={"every_steps": 1, "export_final": False},
                           data={"eval": ""})
     run = tmp_path / "run"

@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,50 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from commands import env, free_port, launcher, mpo, write_config
 from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.slow
-
-
-def env():
-    e = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return {**e, "PYTHONUNBUFFERED": "1"}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_config(path, tiny_models, demo_data, **sections):
-    cfg = {
-        "model": {"path": str(tiny_models["internvl"]), "dtype": "fp32"},
-        "data": {"train": str(demo_data / "meta.json"), "eval": str(demo_data / "meta_heldout.json")},
-        "loss": {"impl": "torch"},
-        "optim": {"lr": 1e-3, "warmup_ratio": 0.0},
-        "train": {"device": "cpu", "max_steps": 4, "global_batch_pairs": 8, "max_tokens_per_row": 512},
-        "deepspeed": {"zero_stage": 3},
-        "logging": {"progress": False, "report_to": []},
-    }
-    for section, values in sections.items():
-        cfg.setdefault(section, {}).update(values)
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def launcher(ranks):
-    return [sys.executable, "-m", "mpo"] if ranks == 1 else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}", f"--master-port={free_port()}",
-        "-m", "mpo"]
-
-
-def mpo(*args, ranks=1, check=True, timeout=900):
-    proc = subprocess.run([*launcher(ranks), *map(str, args)], capture_output=True, text=True, env=env(),
-                          timeout=timeout)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
 
 
 def rows(run_dir, split="train"):
@@ -111,7 +70,7 @@ def test_two_ranks_match_one_rank_under_zero3(tmp_path, tiny_models, demo_data, 
     """Same global batch: the same losses step for step (ZeRO-3, gloo), whatever the split, with
     image and text-only pairs mixed; held-out questions answered during training (an odd count: one
     rank's share is padded) come out the same before training."""
-    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, model={"path": str(tiny_models[arch])},
+    config = write_config(tmp_path / "c.yaml", tiny_models[arch], demo_data,
                           data={"train": str(mixed_data(tmp_path, demo_data)),
                                 "eval_prompts": str(eval_prompts(tmp_path, demo_data, 5))},
                           train={"eval_generation_every": 2, "eval_max_new_tokens": 5, "eval_batch_size": 1})
@@ -175,7 +134,7 @@ def opened_by_thread(trace) -> dict[str, set[str]]:
 
 @pytest.mark.parametrize("stage,ranks", [(3, 4), (0, 1)])
 def test_killed_and_resumed_run_ends_bit_identical(tmp_path, tiny_models, demo_data, stage, ranks):
-    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, train={"max_steps": 6},
+    config = write_config(tmp_path / "c.yaml", tiny_models["internvl"], demo_data, train={"max_steps": 6},
                           deepspeed={"zero_stage": stage}, checkpoint={"every_steps": 2, "keep_last": 3},
                           data={"eval": ""})
     mpo("train", config, "--output-dir", tmp_path / "whole", ranks=ranks)
@@ -224,7 +183,7 @@ def test_killed_and_resumed_run_ends_bit_identical(tmp_path, tiny_models, demo_d
 def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, tiny_models, demo_data):
     """Flipped bytes in tensor data or in a safetensors header, or a missing file: the resume stops before
     reading anything, naming the file and the checkpoint to fall back to."""
-    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, train={"max_steps": 2},
+    config = write_config(tmp_path / "c.yaml", tiny_models["internvl"], demo_data, train={"max_steps": 2},
                           deepspeed={"zero_stage": 0}, checkpoint={"every_steps": 1, "export_final": False},
                           data={"eval": ""})
     run = tmp_path / "run"
@@ -253,7 +212,7 @@ def test_a_full_disk_or_an_unwritable_folder_is_one_line(tmp_path, tiny_models, 
     made: one line naming the path, no traceback."""
     import resource
 
-    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, train={"max_steps": 1},
+    config = write_config(tmp_path / "c.yaml", tiny_models["internvl"], demo_data, train={"max_steps": 1},
                           deepspeed={"zero_stage": 0}, data={"eval": ""})
     limit = 800 * 1024  # above the index and reference files, below a checkpoint's optimizer state
     proc = subprocess.run([sys.executable, "-m", "mpo", "train", str(config), "--output-dir", str(tmp_path / "run")],
@@ -268,7 +227,7 @@ def test_a_full_disk_or_an_unwritable_folder_is_one_line(tmp_path, tiny_models, 
 
 
 def test_cached_and_online_reference_give_the_same_losses(tmp_path, tiny_models, demo_data):
-    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, deepspeed={"zero_stage": 3},
+    config = write_config(tmp_path / "c.yaml", tiny_models["internvl"], demo_data, deepspeed={"zero_stage": 3},
                           checkpoint={"export_final": False})
     mpo("train", config, "--output-dir", tmp_path / "cache")
     mpo("train", config, "--output-dir", tmp_path / "online", "loss.reference=online")
@@ -297,7 +256,7 @@ def test_final_export_loads_with_from_pretrained(tmp_path, tiny_models, demo_dat
         text.write_text("".join(json.dumps({"prompt": f"Is {i} even?", "chosen": ["no", "yes"][i % 2 == 0],
                                             "rejected": ["yes", "no"][i % 2 == 0]}) + "\n" for i in range(16)))
         data = {"train": str(text), "eval": ""}
-    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, train={"max_steps": 2},
+    config = write_config(tmp_path / "c.yaml", tiny_models["internvl"], demo_data, train={"max_steps": 2},
                           model={"path": str(tiny_models[arch]), "freeze_vision": frozen}, data=data,
                           optim=optim)
     printed = mpo("train", config, "--output-dir", tmp_path / "run").stderr
@@ -352,7 +311,7 @@ def test_answers_during_training_are_those_of_mpo_eval_on_the_saved_model(tmp_pa
     same responses, verdicts and accuracy. Answering leaves training as it was (packed attention back
     in place, random state untouched): the same losses as without it."""
     questions = eval_prompts(tmp_path, demo_data, 3)
-    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, deepspeed={"zero_stage": 0},
+    config = write_config(tmp_path / "c.yaml", tiny_models["internvl"], demo_data, deepspeed={"zero_stage": 0},
                           data={"eval_prompts": str(questions)},
                           train={"max_steps": 2, "eval_max_new_tokens": 6, "eval_batch_size": 1,
                                  "eval_generation_every": 1})
@@ -374,7 +333,7 @@ def test_answers_during_training_are_those_of_mpo_eval_on_the_saved_model(tmp_pa
 
 
 def test_non_finite_steps_are_skipped_not_applied(tmp_path, tiny_models, demo_data):
-    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, deepspeed={"zero_stage": 0},
+    config = write_config(tmp_path / "c.yaml", tiny_models["internvl"], demo_data, deepspeed={"zero_stage": 0},
                           data={"eval": ""})
     proc = subprocess.run([sys.executable, "-c", NAN_DRIVER, str(config), str(tmp_path / "run"), "[1, 2]"],
                           capture_output=True, text=True, env=env(), timeout=600)
@@ -413,7 +372,7 @@ print(json.dumps([applied, h.hexdigest()]))
 def test_a_skipped_step_leaves_nothing_behind(tmp_path, tiny_models, demo_data, stage):
     """Step 0 goes bad in its second micro-batch, after the first one's backward: the next step must
     update the weights exactly as if step 0 had never run (no gradient of it kept anywhere)."""
-    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, deepspeed={"zero_stage": stage},
+    config = write_config(tmp_path / "c.yaml", tiny_models["internvl"], demo_data, deepspeed={"zero_stage": stage},
                           data={"eval": ""}, train={"max_tokens_per_row": 256})
 
     def drive(run, poison, steps):
@@ -429,14 +388,14 @@ def test_a_skipped_step_leaves_nothing_behind(tmp_path, tiny_models, demo_data, 
 
 
 def test_too_many_skipped_steps_stop_the_run(tmp_path, tiny_models, demo_data):
-    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, deepspeed={"zero_stage": 0},
+    config = write_config(tmp_path / "c.yaml", tiny_models["internvl"], demo_data, deepspeed={"zero_stage": 0},
                           data={"eval": ""}, optim={"lr": 1e30, "max_skipped_steps": 2})
     proc = mpo("train", config, "--output-dir", tmp_path / "run", check=False)
     assert proc.returncode != 0 and "consecutive steps had a non-finite loss or gradient" in proc.stderr
 
 
 def test_clear_errors(tmp_path, tiny_models, demo_data):
-    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data)
+    config = write_config(tmp_path / "c.yaml", tiny_models["internvl"], demo_data)
     proc = mpo("train", config, "train.typo=1", check=False)
     assert proc.returncode == 1 and "unknown config key 'train.typo'" in proc.stderr
     proc = mpo("train", config, f"model.path={tmp_path / 'no-model'}", "--output-dir", tmp_path / "r1", check=False)
@@ -486,7 +445,7 @@ def test_demo_learns(tmp_path):
 def test_loader_workers_change_nothing(tmp_path, tiny_models, demo_data):
     """Rows rendered in 2 worker processes or in the training process: bitwise-equal metrics; the
     index built once serves the second run (data.index_dir)."""
-    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, deepspeed={"zero_stage": 0},
+    config = write_config(tmp_path / "c.yaml", tiny_models["internvl"], demo_data, deepspeed={"zero_stage": 0},
                           checkpoint={"export_final": False}, data={"index_dir": str(tmp_path / "index")})
     for workers in (0, 2):
         mpo("train", config, "--output-dir", tmp_path / f"w{workers}", f"data.num_workers={workers}")
@@ -509,7 +468,7 @@ def test_a_run_that_never_trained_fails_and_exports_nothing(tmp_path, tiny_model
     head = next(k for k in weights if k.endswith("embed_tokens.weight"))  # tied: the LM head too
     weights[head][0, 0] = float("nan")
     save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
-    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, model={"path": str(model)},
+    config = write_config(tmp_path / "c.yaml", tiny_models["internvl"], demo_data, model={"path": str(model)},
                           deepspeed={"zero_stage": 0}, data={"eval": ""}, optim={"max_skipped_steps": 100},
                           train={"max_steps": 3})
     (tmp_path / "run" / ".checkpoint-7.tmp").mkdir(parents=True)
@@ -531,7 +490,7 @@ def test_lora_trains_only_adapters_and_exports_merged_and_adapter(tmp_path, tiny
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, train={"max_steps": 3},
+    config = write_config(tmp_path / "c.yaml", tiny_models["internvl"], demo_data, train={"max_steps": 3},
                           deepspeed={"zero_stage": stage}, lora={"r": 4, "alpha": 8.0},
                           checkpoint={"every_steps": 3}, data={"eval": ""})
     run = tmp_path / "run"
@@ -563,7 +522,7 @@ def test_lora_trains_only_adapters_and_exports_merged_and_adapter(tmp_path, tiny
 
 
 def test_lora_resumes_bit_identical(tmp_path, tiny_models, demo_data):
-    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, train={"max_steps": 4},
+    config = write_config(tmp_path / "c.yaml", tiny_models["internvl"], demo_data, train={"max_steps": 4},
                           deepspeed={"zero_stage": 0}, lora={"r": 4, "modules_to_save": ["multi_modal_projector"]},
                           checkpoint={"every_steps": 2, "keep_last": 2}, data={"eval": ""})
     mpo("train", config, "--output-dir", tmp_path / "whole")
@@ -606,7 +565,8 @@ def test_lora_online_reference_is_the_policy_without_adapters(tmp_path, tiny_mod
     model). The rewards move away from 0 as the adapters train, so a reference that kept them on
     (the policy itself) would not match. (2 ranks: the ZeRO-3 case, each rank running the same
     forwards.)"""
-    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, lora={"r": 4, "alpha": 8.0, "dropout": 0.1},
+    config = write_config(tmp_path / "c.yaml", tiny_models["internvl"], demo_data,
+                          lora={"r": 4, "alpha": 8.0, "dropout": 0.1},
                           deepspeed={"zero_stage": stage}, checkpoint={"export_final": False})
     mpo("train", config, "--output-dir", tmp_path / "cache", ranks=ranks)
     driver = tmp_path / "driver.py"
@@ -635,7 +595,8 @@ def test_qlora_trains_adapters_over_4bit_weights(tmp_path, tiny_models, demo_dat
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForImageTextToText
 
-    config = write_config(tmp_path / "c.yaml", tiny_models, demo_data, model={"dtype": "bf16", "load_in_4bit": True},
+    config = write_config(tmp_path / "c.yaml", tiny_models["internvl"], demo_data,
+                          model={"dtype": "bf16", "load_in_4bit": True},
                           loss={"impl": "auto"}, train={"device": "cuda", "max_steps": 3},
                           deepspeed={"zero_stage": 0}, lora={"r": 4, "alpha": 8.0}, data={"eval": ""})
     run = tmp_path / "run"

@@ -15,6 +15,7 @@ processor sizes and tiles them, the family's rule says how many slots each one t
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 from dataclasses import dataclass
@@ -75,30 +76,29 @@ def _check_pixels(width: int, height: int, limit: int | None, ref) -> None:
 def load_image(ref, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
     """A path, encoded bytes or a PIL image -> a decoded RGB PIL image (BadPair if unreadable, or
     larger than max_pixels: checked from the header, before decoding)."""
-    try:
-        if isinstance(ref, (str, Path, bytes)):
-            with Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref) as im:
-                _check_pixels(*im.size, max_pixels, ref)
-                return im.convert("RGB")
-        _check_pixels(*ref.size, max_pixels, ref)
-        return ref.convert("RGB")
-    except FileNotFoundError:
-        raise BadPair("missing_image", str(ref)) from None
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise BadPair("corrupt_image", f"{ref if isinstance(ref, (str, Path)) else '<bytes>'}: {e}") from None
+    with _opened(ref, max_pixels) as im:
+        return im.convert("RGB")
 
 
 def image_size(ref, max_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[int, int]:
     """(height, width) of an image from its header alone (PIL opens lazily); BadPair if unreadable
     or larger than max_pixels."""
+    with _opened(ref, max_pixels) as im:
+        return im.height, im.width
+
+
+@contextlib.contextmanager
+def _opened(ref, max_pixels: int | None):
+    """The image `ref` opened lazily (header read, pixels not yet) and checked against max_pixels;
+    whatever goes wrong reading it, then or while the caller decodes it, is the pair's BadPair."""
     try:
         if isinstance(ref, (str, Path, bytes)):
             with Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref) as im:
-                width, height = im.size
+                _check_pixels(*im.size, max_pixels, ref)
+                yield im
         else:
-            width, height = ref.size
-        _check_pixels(width, height, max_pixels, ref)
-        return height, width
+            _check_pixels(*ref.size, max_pixels, ref)
+            yield ref
     except FileNotFoundError:
         raise BadPair("missing_image", str(ref)) from None
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:

@@ -65,6 +65,22 @@ class Family:
         return {}
 
 
+class VisionFamily(Family):
+    """A vision-language model as transformers builds them (`AutoModelForImageTextToText`): the vision
+    tower stays on SDPA (packing changes nothing there: an image is one sequence), the language
+    model takes the packed attention."""
+
+    vision = True
+
+    def auto_class(self):
+        from transformers import AutoModelForImageTextToText
+
+        return AutoModelForImageTextToText
+
+    def attention(self, name: str):
+        return {"text_config": name, "vision_config": "sdpa"}
+
+
 class ImageTokens:
     """A prompt text with `image_token` once per image + the images -> (input ids, pixel values, grid)."""
 

@@ -15,24 +15,15 @@ from pathlib import Path
 
 import torch
 
-from mpo.families.base import Family, ImageTokens
+from mpo.families.base import ImageTokens, VisionFamily
 
 
-class InternVL(Family):
+class InternVL(VisionFamily):
     name = "internvl"
-    vision = True
 
     @classmethod
     def matches(cls, config) -> bool:
         return config.model_type == "internvl"
-
-    def auto_class(self):
-        from transformers import AutoModelForImageTextToText
-
-        return AutoModelForImageTextToText
-
-    def attention(self, name: str):
-        return {"text_config": name, "vision_config": "sdpa"}
 
     def parts(self, model):
         inner = model.model

@@ -8,44 +8,30 @@ deepstack mergers) is the projector.
 
 Positions are M-RoPE: three rows (temporal, height, width), from the model's own `get_rope_index`
 per document, so a packed document gets exactly the ids it has when run alone. Three rows, not
-four: the language model then derives no mask from them (our packed attention needs none).
+four: the language model then derives no mask from them (our packed attention needs none). The
+method belongs to the base model, built for it once per family as a skeleton on the meta device
+(no memory, about a second at 72B): the model's own code, not a copy of it.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from mpo.families.base import Family, ImageTokens
+from mpo.families.base import ImageTokens, VisionFamily
 
 VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
 
 
-class QwenVL(Family):
+class QwenVL(VisionFamily):
     name = "qwen_vl"
-    vision = True
     position_rows = 3
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-
-    def __init__(self, config):
-        super().__init__(config)
-        from transformers import AutoModel
-
-        # get_rope_index reads only the config: call it on a bare instance of the base model class
-        # (never built) rather than re-implementing it.
-        self._rope = object.__new__(AutoModel._model_mapping[type(config)])
-        self._rope.__dict__["config"] = config
 
     @classmethod
     def matches(cls, config) -> bool:
         return config.model_type in cls.model_types
-
-    def auto_class(self):
-        from transformers import AutoModelForImageTextToText
-
-        return AutoModelForImageTextToText
-
-    def attention(self, name: str):
-        return {"text_config": name, "vision_config": "sdpa"}
 
     def parts(self, model):
         visual = model.model.visual
@@ -57,10 +43,17 @@ class QwenVL(Family):
     def image_tokens(self, model_dir, tokenizer, options):
         return QwenVLImages(model_dir, tokenizer, self.config, options)
 
+    @functools.cached_property
+    def _skeleton(self):
+        from transformers import AutoModel
+
+        with torch.device("meta"):
+            return AutoModel.from_config(self.config)
+
     def positions(self, ids, grid):
         ids = torch.tensor([ids])
         kinds = (ids == self.config.image_token_id).int()
-        return self._rope.get_rope_index(ids, kinds, image_grid_thw=grid)[0][:, 0]
+        return self._skeleton.get_rope_index(ids, kinds, image_grid_thw=grid)[0][:, 0]
 
     def blank_image(self):
         vision = self.config.vision_config

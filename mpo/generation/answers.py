@@ -13,11 +13,15 @@ the ground truth by the first rule that applies to the ground truth:
      a percent on one side also accepts the other side times 100;
   4. anything else: normalised strings (case, spaces, punctuation, articles, LaTeX wrappers).
 When the `math-verify` package is installed it is also asked for rules 3 and 4 (it knows symbolic
-equivalence such as 1/2 = 0.5 = \\frac{2}{4} or x+1 = 1+x); it is never required.
+equivalence such as 1/2 = 0.5 = \\frac{2}{4} or x+1 = 1+x); it is never required. Whether it was
+(`judge()`) is part of the settings the pair builders and `mpo eval` record, so results judged with
+it are never resumed without it, or the other way round.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import math
 import re
 from fractions import Fraction
@@ -213,11 +217,19 @@ def _round(value: float, decimals: int) -> Fraction:
     return Fraction(math.floor(abs(q) + Fraction(1, 2)) * (1 if q >= 0 else -1), 10**decimals)
 
 
-def _math_verify(truth: str, answer: str) -> bool:
+def judge() -> str:
+    """Which rules `is_correct` applies here: "mpo" alone, or "mpo+math-verify <version>"."""
     try:
-        from math_verify import parse, verify
-    except ImportError:
+        return f"mpo+math-verify {importlib.metadata.version('math-verify')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "mpo"
+
+
+def _math_verify(truth: str, answer: str) -> bool:
+    if importlib.util.find_spec("math_verify") is None:
         return False
+    from math_verify import parse, verify
+
     try:
         return bool(verify(parse(f"${truth}$"), parse(f"${answer}$")))
     except Exception:  # math-verify raises on input it cannot parse: not a match

@@ -22,6 +22,9 @@ from mpo.logprobs import linear_sequence_logps
 from mpo.models.packed_attention import PackingInfo, register
 from mpo.models.quantized import bnb_4bit
 
+# the dtype names of model.dtype and `mpo logps --dtype`
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
 
 def enable_packed_attention(model) -> None:
     """Switch the language model to packed attention; a vision tower keeps SDPA."""

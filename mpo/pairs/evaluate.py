@@ -27,7 +27,7 @@ from mpo.generation.answers import extract_answer
 from mpo.generation.judging import question_with_instruction, requests_for, verdict
 from mpo.generation.prompts import PromptRecord
 from mpo.generation.sampler import Sampler
-from mpo.pairs.output import read_results
+from mpo.pairs.output import results_in_order
 
 
 def eval_process(sampler: Sampler, *, samples: int, instruction: str, temperature: float, seed: int,
@@ -83,11 +83,7 @@ def summarize(results: list[dict], samples: int) -> dict:
 def write_report(out_dir: str | Path, order: list[str], settings: dict) -> dict:
     """OUT/eval.json and OUT/items.jsonl from every rank's results -> the report."""
     out_dir = Path(out_dir)
-    results = read_results(out_dir / "work")
-    missing = [i for i in order if i not in results]
-    if missing:
-        raise RuntimeError(f"{len(missing)} questions have no result yet (first: {missing[0]!r}); rerun to finish them")
-    ordered = [results[i] for i in order]
+    ordered = results_in_order(out_dir, order, "questions")
     report = {**summarize(ordered, settings["samples"]), "settings": settings}
     write_text_atomic(out_dir / "items.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
     write_text_atomic(out_dir / "eval.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")

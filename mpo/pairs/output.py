@@ -70,13 +70,19 @@ def read_results(work: Path) -> dict[str, dict]:
     return results
 
 
-def write_mmpr(out_dir: str | Path, name: str, order: list[str], image_root: Path, *, images: str = "link") -> dict:
-    """The MMPR folder from every rank's results, pairs in input order -> the summed counts."""
-    out_dir = Path(out_dir)
+def results_in_order(out_dir: Path, order: list[str], what: str) -> list[dict]:
+    """Every rank's results in input order (`order`: the ids); refused while one of the `what`
+    (prompts, questions) has none yet."""
     results = read_results(out_dir / "work")
     missing = [i for i in order if i not in results]
     if missing:
-        raise RuntimeError(f"{len(missing)} prompts have no result yet (first: {missing[0]!r}); rerun to finish them")
+        raise RuntimeError(f"{len(missing)} {what} have no result yet (first: {missing[0]!r}); rerun to finish them")
+    return [results[i] for i in order]
+
+
+def write_mmpr(out_dir: str | Path, name: str, order: list[str], image_root: Path, *, images: str = "link") -> dict:
+    """The MMPR folder from every rank's results, pairs in input order -> the summed counts."""
+    out_dir = Path(out_dir)
     counts: Counter = Counter()
     placed: dict[Path, str] = {}
     annotation = out_dir / "annotations" / f"{name}.jsonl"
@@ -84,8 +90,7 @@ def write_mmpr(out_dir: str | Path, name: str, order: list[str], image_root: Pat
     tmp = annotation.with_name(annotation.name + ".tmp")
     pairs = 0
     with tmp.open("w", encoding="utf-8") as f:
-        for ident in order:
-            result = results[ident]
+        for result in results_in_order(out_dir, order, "prompts"):
             counts.update(result["counts"])
             for pair in result["pairs"]:
                 row = dict(pair)

@@ -282,7 +282,8 @@ def dry_run(cfg: Config, *, ranks: int = 1, gpu_memory_gb: float = 80.0) -> dict
     """The plan, the parameter counts and the per-rank memory forecast of `cfg` on `ranks` ranks
     with `gpu_memory_gb` GiB each."""
     from mpo.families import family_of
-    from mpo.train.engine import DTYPES, deepspeed_config
+    from mpo.models.loading import DTYPES
+    from mpo.train.engine import deepspeed_config
     from mpo.train.reference import base_is_reference
 
     if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:

@@ -18,12 +18,10 @@ from mpo.distributed import Dist
 from mpo.families import family_of
 from mpo.losses import RewardShift
 from mpo.models.fused_head import PolicyWithLoss
-from mpo.models.loading import load_model, logit_softcap
+from mpo.models.loading import DTYPES, load_model, logit_softcap
 from mpo.models.lora import add_lora
 from mpo.mpo_loss import MPOLoss
 from mpo.train.config import Config
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def train_dtype(cfg: Config, dist: Dist) -> torch.dtype:

@@ -61,11 +61,18 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def require_reporters(report_to: list[str]) -> None:
-    """Refuse at start a reporter that is asked for but cannot run (TensorBoard is optional)."""
+def reporters(report_to: list[str], *, main: bool) -> list[str]:
+    """The reporters of `logging.report_to` that will run. A missing wandb is refused (a run that asks
+    for it is watched there); a missing TensorBoard, the default, is said once on rank 0 and skipped."""
     if "wandb" in report_to and importlib.util.find_spec("wandb") is None:
         raise ImportError("logging.report_to names wandb, which is not installed: pip install wandb "
                           "(or drop it from logging.report_to)")
+    if "tensorboard" in report_to and importlib.util.find_spec("tensorboard") is None:
+        if main:
+            print("mpo: logging.report_to names tensorboard, which is not installed: metrics go to metrics.jsonl "
+                  "only (pip install tensorboard, or logging.report_to=[] to silence this)", file=sys.stderr)
+        return [r for r in report_to if r != "tensorboard"]
+    return list(report_to)
 
 
 def wandb_run(run_dir: Path, project: str, config: dict):
@@ -95,12 +102,9 @@ class MetricsLog:
                     if line and json.loads(line)["step"] <= start_step]
             write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         if "tensorboard" in report_to:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:
-                pass
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
         if "wandb" in report_to:
             self.wandb = wandb_run(run_dir, wandb_project, config or {})
         if progress:

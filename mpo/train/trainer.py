@@ -43,7 +43,7 @@ from mpo.train.config import Config, dump, saved_in_current_keys
 from mpo.train.data import TrainPlan
 from mpo.train.engine import build, deepspeed_config, role_lrs, train_dtype
 from mpo.train.generation_eval import GenerationEval
-from mpo.train.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_gb, require_reporters
+from mpo.train.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_gb, reporters
 from mpo.train.reference import BaseReference, ReferenceModel, base_is_reference, build_cache, cache_key, load_cache
 from mpo.train.run_lock import RunLock
 
@@ -67,8 +67,7 @@ class Trainer:
         seed_everything(cfg.train.seed + self.dist.rank)
         if cfg.model.load_in_4bit:
             require_4bit(self.dist.device)
-        if train:
-            require_reporters(cfg.logging.report_to)
+        self.report_to = reporters(cfg.logging.report_to, main=self.dist.main) if train else []
         self.lock = None
         # before anything reads or changes the folder; a phase, so that a refusal on rank 0 ends every rank
         with Phase(self.dist, f"taking the run folder {self.run_dir}"):
@@ -357,7 +356,7 @@ class Trainer:
         if dist.main:
             print(self.startup_summary(), file=sys.stderr, flush=True)
         log = MetricsLog(self.run_dir, main=dist.main, total_steps=self.total_steps, start_step=step,
-                         report_to=cfg.logging.report_to, progress=cfg.logging.progress, config=cfg.to_dict(),
+                         report_to=self.report_to, progress=cfg.logging.progress, config=cfg.to_dict(),
                          wandb_project=cfg.logging.wandb_project)
         summary = {"run_dir": str(self.run_dir), "steps": self.total_steps, "train_pairs": len(self.train_pairs.valid),
                    "rejected": self.train_pairs.rejected}
