@@ -42,7 +42,10 @@ def init(device_choice: str = "auto", *, setting: str = "train.device") -> Dist:
     (`setting`: the key or flag `device_choice` came from, for the error)."""
     import deepspeed
 
-    if "RANK" not in os.environ:  # no launcher: a group of one
+    # no launcher: a group of one, described as a launcher would describe it. DeepSpeed reads the
+    # environment, not the process group (the engine and zero.Init take LOCAL_RANK from it; its own
+    # MPI discovery writes these same variables)
+    if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
     cuda = torch.cuda.is_available() if device_choice == "auto" else device_choice == "cuda"

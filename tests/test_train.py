@@ -297,10 +297,11 @@ PolicyWithLoss.forward = poisoned
 t = Trainer(load_config(sys.argv[1]), sys.argv[2])
 p = next(p for p in t.engine.module.parameters() if p.requires_grad and p.ndim == 2)
 out = []
+batches = t.train_batches(0)
 for step in range(4):
     state["step"] = step
     before = p.detach().clone()
-    m = t.train_step(step)
+    m = t.train_step(step, batches)
     out.append([m["step_applied"], bool(torch.equal(before, p.detach()))])
 print(json.dumps(out))
 """
@@ -357,9 +358,10 @@ def poisoned(self, *a, **k):
 PolicyWithLoss.forward = poisoned
 t = Trainer(load_config(sys.argv[1]), sys.argv[2])
 applied = []
+batches = t.train_batches(steps[0])
 for step in steps:
     state.update(step=step, micro=0)
-    applied.append(t.train_step(step)["step_applied"])
+    applied.append(t.train_step(step, batches)["step_applied"])
     assert state["micro"] >= 2, "the step needs several micro-batches"
 h = hashlib.sha256()
 for p in t.engine.module.parameters():

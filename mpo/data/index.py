@@ -25,6 +25,7 @@ counted and listed in data order whatever the worker count.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
@@ -232,17 +233,16 @@ def _digest(arrays: dict[str, np.ndarray], about: dict) -> str:
 
 # --- building it --------------------------------------------------------------------------------------------
 
-_worker: dict = {}
+@functools.lru_cache(maxsize=1)
+def _renderer(model_dir: str, rendering: str) -> Renderer:
+    """The renderer of this process (a measuring worker keeps one for all its chunks)."""
+    return Renderer(model_dir, image_options(json.loads(rendering)))
 
 
-def _start_worker(model_dir: str, rendering: dict) -> None:
-    _worker["renderer"] = Renderer(model_dir, image_options(rendering))
-    _worker["rendering"] = rendering
-
-
-def _measure(chunk: list[tuple[int, object]]) -> list[tuple]:
-    """Per pair: (prompt, chosen, rejected, tiles, fingerprint, truncated) or (reason, detail)."""
-    renderer, r = _worker["renderer"], _worker["rendering"]
+def _measure(model_dir: str, rendering: str, chunk: list[tuple[int, object]]) -> list[tuple]:
+    """Per pair: (prompt, chosen, rejected, tiles, fingerprint, truncated) or (reason, detail);
+    `rendering`: the rendering options as JSON."""
+    renderer, r = _renderer(model_dir, rendering), json.loads(rendering)
     out = []
     for number, pair in chunk:
         try:
@@ -330,10 +330,8 @@ def measure(source: DataSource, model_dir: str | Path, rendering: dict, *, shard
         if progress is not None:
             progress(len(columns["numbers"]))
 
-    pool = ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(str(model_dir), rendering)) \
-        if workers else None
-    if pool is None:
-        _start_worker(str(model_dir), rendering)
+    pool = ProcessPoolExecutor(workers) if workers else None
+    options = (str(model_dir), json.dumps(rendering, sort_keys=True))
     try:
         pending: deque = deque()
         chunk: list = []
@@ -341,9 +339,9 @@ def measure(source: DataSource, model_dir: str | Path, rendering: dict, *, shard
         def submit():
             numbers = [n for n, _ in chunk]
             if pool is None:
-                take(_measure(chunk), numbers)
+                take(_measure(*options, chunk), numbers)
             else:
-                pending.append((pool.submit(_measure, list(chunk)), numbers))
+                pending.append((pool.submit(_measure, *options, list(chunk)), numbers))
                 while len(pending) > 2 * workers:
                     future, done = pending.popleft()
                     take(future.result(), done)
@@ -368,7 +366,7 @@ def measure(source: DataSource, model_dir: str | Path, rendering: dict, *, shard
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-        _worker.clear()
+        _renderer.cache_clear()  # this process's renderer (tokenizer, processor): no longer needed
     numbers = np.frombuffer(columns.pop("numbers"), dtype=np.int64).copy()
     measured = {name: np.frombuffer(c, dtype=c.typecode).copy() for name, c in columns.items()}
     locations = {name: np.frombuffer(c, dtype=c.typecode).copy() for name, c in where.items()}

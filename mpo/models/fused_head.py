@@ -33,9 +33,10 @@ class PolicyWithLoss(torch.nn.Module):
     """forward(batch, ref_chosen [P], ref_rejected [P], *, pair_count, chosen_token_count, scale)
     -> (scale x loss, metrics) for one packed row; the counts are the step's global normalisers."""
 
-    def __init__(self, model, criterion: MPOLoss, *, zero3: bool, attention: str = "auto"):
+    def __init__(self, model, criterion: MPOLoss, *, zero3: bool, attention: str = "auto", lora=None):
         super().__init__()
         self.model = model
+        self.lora = lora  # peft's LoraConfig of the adapters in `model` (the export merges them); None: no LoRA
         self.loss_head = _LossHead(criterion)
         self.attention = attention
         if zero3:

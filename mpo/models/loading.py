@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import struct
+import weakref
 from pathlib import Path
 
 import torch
@@ -53,11 +54,14 @@ def load_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32, dev
 
 
 def model_family(model):
-    """The model's family, found once per model and kept on it: `packed_hidden_states` asks on every row."""
-    family = getattr(model, "_mpo_family", None)
+    """The model's family, found once per model (`packed_hidden_states` asks on every row)."""
+    family = _families.get(model)
     if family is None or family.config is not model.config:
-        family = model._mpo_family = family_of(model.config)
+        family = _families[model] = family_of(model.config)
     return family
+
+
+_families: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its family
 
 
 def _import_model_classes(config) -> None:

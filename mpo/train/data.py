@@ -9,6 +9,7 @@ data an uninterrupted one would, whatever the number of loader workers.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 
@@ -25,13 +26,15 @@ class TrainPlan:
         self.pairs, self.seed, self.window = pairs, seed, window
         self.batch = min(global_batch_pairs, len(pairs.valid))
         self.steps_per_epoch = math.ceil(len(pairs.valid) / self.batch)
+        # the loader (reading ahead) and the step both ask for a step's plan: made once
+        self.rows = functools.lru_cache(maxsize=64)(self._rows)
 
     def step_pairs(self, step: int) -> list[int]:
         epoch, k = divmod(step, self.steps_per_epoch)
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs.valid))
         return self.pairs.valid[order[k * self.batch:(k + 1) * self.batch]].tolist()
 
-    def rows(self, step: int, world: int) -> tuple[list[int], list[list[tuple[int, ...]]]]:
+    def _rows(self, step: int, world: int) -> tuple[list[int], list[list[tuple[int, ...]]]]:
         """(the step's pairs, per-rank rows of pair indices)."""
         chosen = self.step_pairs(step)
         planned = plan_packing(self.pairs.costs[chosen].tolist(), self.pairs.opts.max_tokens,

@@ -181,8 +181,7 @@ def build(cfg: Config, dist: Dist, total_steps: int, dtype: torch.dtype, ds_conf
     criterion = MPOLoss(cfg.loss.beta, cfg.loss.types, cfg.loss.weights, shift, update_shift=False,
                         label_smoothing=cfg.loss.label_smoothing, sft_normalization=cfg.loss.sft_normalization,
                         softcap=logit_softcap(model), impl=cfg.loss.impl)
-    policy = PolicyWithLoss(model, criterion, zero3=zero3, attention=cfg.model.attention)
-    policy.lora = lora  # peft's LoraConfig, for the export; None without LoRA
+    policy = PolicyWithLoss(model, criterion, zero3=zero3, attention=cfg.model.attention, lora=lora)
 
     roles, lrs = role_lrs(model, cfg)
     optimizer = torch.optim.AdamW(param_groups(policy, cfg.optim.weight_decay, roles, lrs), lr=cfg.optim.lr,

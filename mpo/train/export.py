@@ -155,7 +155,7 @@ def export_final(engine, source_dir: Path, run_dir: Path, dist: Dist, *, zero_st
     """run_dir/final: the trained model as a from_pretrained folder, with its processor files. Every
     rank takes part (the gathers are collective); rank 0 writes, and a failure on any rank ends all."""
     model = engine.module.model
-    lora = getattr(engine.module, "lora", None)
+    lora = engine.module.lora
     final, tmp = run_dir / "final", run_dir / ".final.tmp"
     with Phase(dist, "export"):
         if is_4bit(model):  # QLoRA: merge into, and export, the dequantized base in the training dtype

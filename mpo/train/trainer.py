@@ -23,6 +23,7 @@ import json
 import random
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ import torch
 from mpo.data.dataset import PairDataset
 from mpo.data.formats import DataSource
 from mpo.data.index import rendering_options
-from mpo.data.packing import PackingOptions
+from mpo.data.packing import PackedBatch, PackingOptions
 from mpo.data.records import Rejects
 from mpo.data.render import ImageOptions
 from mpo.distributed import Dist, Phase, barrier, init
@@ -68,27 +69,7 @@ class Trainer:
         if cfg.model.load_in_4bit:
             require_4bit(self.dist.device)
         self.report_to = reporters(cfg.logging.report_to, main=self.dist.main) if train else []
-        self.lock = None
-        # before anything reads or changes the folder; a phase, so that a refusal on rank 0 ends every rank
-        with Phase(self.dist, f"taking the run folder {self.run_dir}"):
-            # a resume of a folder that is not there is refused below, without creating it
-            if self.dist.main and (not resume or self.run_dir.is_dir()):
-                self.lock = RunLock(self.run_dir)
-        found = checkpoint.checkpoints(self.run_dir) if self.run_dir.exists() else []
-        if train and found and not resume:
-            raise ValueError(f"{self.run_dir} already holds checkpoints; pass --resume to continue that run "
-                             "or choose another --output-dir")
-        if resume and not found:
-            raise ValueError(f"--resume: no checkpoint-<step> folder in {self.run_dir}")
-        if resume:
-            checkpoint.verify(found[-1], self.dist)
-            _check_resumable(cfg, found[-1])
-        if self.dist.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            checkpoint.remove_partial(self.run_dir)
-            if train:
-                dump(cfg, self.run_dir / "config.yaml")
-        barrier()
+        self.lock = self._take_run_folder(train)
         self.packing = PackingOptions(cfg.data.packing, cfg.train.max_tokens_per_row, cfg.data.overlong)
         # rank 0 indexes the data and lists the rejected records; a resumed run (whose index is
         # already there) keeps the first start's list as it is
@@ -105,26 +86,54 @@ class Trainer:
         self.dtype = train_dtype(cfg, self.dist)
         self.ds_config = deepspeed_config(cfg, self.dtype)
         self.online, self.ref, self.base_reference = None, {}, False
-        self._batches, self._loader_step = None, None  # the training rows' loader, and the step it is at
         self._prepare_reference()
         self.generation_eval = None
         if train:
-            # the random stream of training (adapter initialisation, dropout) starts here, the same
-            # whether a reference cache was just built (its loader draws seeds), loaded, or not used
-            seed_everything(cfg.train.seed + self.dist.rank)
-            self.engine, self.scheduler = build(cfg, self.dist, self.total_steps, self.dtype, self.ds_config)
-            self.policy = self.engine.module
-            if self.base_reference:
-                self.online = BaseReference(self.policy.model, zero_stage=cfg.deepspeed.zero_stage,
-                                            attention=cfg.model.attention, impl=cfg.loss.impl)
-            self.flops_per_token = flops_per_token(self.policy.model, lm_head(self.policy.model).weight)
-            if cfg.data.eval_prompts:
-                self.generation_eval = GenerationEval(
-                    cfg.data.eval_prompts, model_dir=cfg.model.path, images=self.images,
-                    image_root=cfg.data.image_root or None, allow_outside_root=cfg.data.allow_outside_root,
-                    dist=self.dist,
-                    max_new_tokens=cfg.train.eval_max_new_tokens, batch_size=cfg.train.eval_batch_size,
-                    synced=self.dist.world > 1 and cfg.deepspeed.zero_stage == 3)
+            self._build_training()
+
+    def _build_training(self) -> None:
+        """The engine (policy, optimizer, scheduler) and what training needs beside it."""
+        # the random stream of training (adapter initialisation, dropout) starts here, the same
+        # whether a reference cache was just built (its loader draws seeds), loaded, or not used
+        cfg = self.cfg
+        seed_everything(cfg.train.seed + self.dist.rank)
+        self.engine, self.scheduler = build(cfg, self.dist, self.total_steps, self.dtype, self.ds_config)
+        self.policy = self.engine.module
+        if self.base_reference:
+            self.online = BaseReference(self.policy.model, zero_stage=cfg.deepspeed.zero_stage,
+                                        attention=cfg.model.attention, impl=cfg.loss.impl)
+        self.flops_per_token = flops_per_token(self.policy.model, lm_head(self.policy.model).weight)
+        if cfg.data.eval_prompts:
+            self.generation_eval = GenerationEval(
+                cfg.data.eval_prompts, model_dir=cfg.model.path, images=self.images,
+                image_root=cfg.data.image_root or None, allow_outside_root=cfg.data.allow_outside_root,
+                dist=self.dist, max_new_tokens=cfg.train.eval_max_new_tokens, batch_size=cfg.train.eval_batch_size,
+                synced=self.dist.world > 1 and cfg.deepspeed.zero_stage == 3)
+
+    def _take_run_folder(self, train: bool) -> RunLock | None:
+        """Lock the run folder (rank 0), check it holds what the command expects, write the config."""
+        lock = None
+        # before anything reads or changes the folder; a phase, so that a refusal on rank 0 ends every rank
+        with Phase(self.dist, f"taking the run folder {self.run_dir}"):
+            # a resume of a folder that is not there is refused below, without creating it
+            if self.dist.main and (not self.resume or self.run_dir.is_dir()):
+                lock = RunLock(self.run_dir)
+        found = checkpoint.checkpoints(self.run_dir) if self.run_dir.exists() else []
+        if train and found and not self.resume:
+            raise ValueError(f"{self.run_dir} already holds checkpoints; pass --resume to continue that run "
+                             "or choose another --output-dir")
+        if self.resume and not found:
+            raise ValueError(f"--resume: no checkpoint-<step> folder in {self.run_dir}")
+        if self.resume:
+            checkpoint.verify(found[-1], self.dist)
+            _check_resumable(self.cfg, found[-1])
+        if self.dist.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            checkpoint.remove_partial(self.run_dir)
+            if train:
+                dump(self.cfg, self.run_dir / "config.yaml")
+        barrier()
+        return lock
 
     def _pairs(self, split: str, data: str) -> PairDataset:
         """The split's pairs: the matching index, or one all ranks build together (each measures its
@@ -202,9 +211,12 @@ class Trainer:
         mine = dealt[self.dist.rank]
         return [mine[k] if k < len(mine) else () for k in range(max(len(rows) for rows in dealt))]
 
-    def _train_rows(self, start: int):
-        for step in range(start, self.total_steps):
-            yield from self._my_rows(self.plan.rows(step, self.dist.world)[1])
+    def train_batches(self, start: int) -> Iterator[PackedBatch]:
+        """This rank's micro-batches from step `start` to the end, in step order: one loader, which
+        reads ahead across steps."""
+        rows = (row for step in range(start, self.total_steps)
+                for row in self._my_rows(self.plan.rows(step, self.dist.world)[1]))
+        return iter(self.train_pairs.loader(rows, **self._loader_options()))
 
     def _per_pair(self, name: str) -> bool:
         """Metrics that are means over pairs (summed x pairs, divided by the global count); a
@@ -229,7 +241,7 @@ class Trainer:
             out.append(value.reshape(()))
         return torch.stack(out)
 
-    def _global(self, sums: torch.Tensor, names: list[str], pair_count: int) -> dict:
+    def _summed_over_ranks(self, sums: torch.Tensor, names: list[str], pair_count: int) -> dict:
         """Sum the metric sums over ranks and divide the means by the pair count: one sync."""
         torch.distributed.all_reduce(sums)
         return {n: v / pair_count if self._per_pair(n) else v for n, v in zip(names, sums.tolist())}
@@ -242,8 +254,9 @@ class Trainer:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         return bool(flag.item())
 
-    def metric_names(self) -> list[str]:
-        return ["loss", *(f"loss/{t}" for t in self.cfg.loss.types), *MEANS, "row_tokens"]
+    def metric_names(self, *, with_row_tokens: bool = True) -> list[str]:
+        """The metrics summed per micro-batch; row_tokens (for the rates) only in training."""
+        return ["loss", *(f"loss/{t}" for t in self.cfg.loss.types), *MEANS, *["row_tokens"] * with_row_tokens]
 
     def forward_backward(self, batch, *, pair_count: int, chosen_tokens: int, last: bool) -> torch.Tensor:
         """One micro-batch: its share of the step's loss, backward; -> its metric sums (on the device).
@@ -268,28 +281,31 @@ class Trainer:
         self.policy.end_step(applied)
         return applied
 
-    def train_step(self, step: int) -> dict:
+    def train_step(self, step: int, batches: Iterator[PackedBatch]) -> dict:
+        """Step `step` on its micro-batches, the next ones of `batches` (`train_batches`) -> its metrics."""
         start = time.perf_counter()
         pairs, dealt = self.plan.rows(step, self.dist.world)
         pair_count, tokens = len(pairs), self.train_pairs.chosen_tokens(pairs)
         delta = self.policy.reward_shift.value
         sums, rounds, waited = 0, max(len(rows) for rows in dealt), 0.0
-        if self._loader_step != step:  # the loader streams the plan's rows from the step it starts at
-            self._batches = iter(self.train_pairs.loader(self._train_rows(step), **self._loader_options()))
-        self._loader_step = step + 1
         self.engine.train()
         for k in range(rounds):
             ready = time.perf_counter()
-            batch = next(self._batches).to(self.dist.device, self.dtype)
+            batch = next(batches).to(self.dist.device, self.dtype)
             waited += time.perf_counter() - ready
             sums = sums + self.forward_backward(batch, pair_count=pair_count, chosen_tokens=tokens,
                                                 last=k == rounds - 1)
         lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler moves on in step())
         applied = self.optimizer_step()
-        out = self._global(sums, self.metric_names(), pair_count)
-        seconds = time.perf_counter() - start
-        out.update({"reward_shift": delta, "lr": lr, "pairs": pair_count, "step_s": seconds, "data_wait_s": waited,
-                    "pairs/s": pair_count / seconds, "tokens/s/gpu": out["row_tokens"] / seconds / self.dist.world,
+        return self._step_metrics(self._summed_over_ranks(sums, self.metric_names(), pair_count),
+                                  seconds=time.perf_counter() - start, waited=waited, reward_shift=delta, lr=lr,
+                                  pairs=pair_count, applied=applied)
+
+    def _step_metrics(self, out: dict, *, seconds: float, waited: float, reward_shift: float, lr: float, pairs: int,
+                      applied: bool) -> dict:
+        """A train row of metrics.jsonl: the step's loss metrics, then its rates and resources."""
+        out.update({"reward_shift": reward_shift, "lr": lr, "pairs": pairs, "step_s": seconds, "data_wait_s": waited,
+                    "pairs/s": pairs / seconds, "tokens/s/gpu": out["row_tokens"] / seconds / self.dist.world,
                     "peak_memory_gb": peak_memory_gb(self.dist.device), "step_applied": applied})
         peak = peak_flops(self.dist.device)
         if peak:
@@ -298,7 +314,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        pairs, names = self.eval_pairs, self.metric_names()[:-1]
+        pairs, names = self.eval_pairs, self.metric_names(with_row_tokens=False)
         rows = self._my_rows(pairs.deal(pairs.data_order_rows(), self.dist.world))
         pair_count, tokens = len(pairs.valid), pairs.chosen_tokens(pairs.valid)
         sums = torch.zeros(len(names), dtype=torch.float64, device=self.dist.device)
@@ -309,7 +325,7 @@ class Trainer:
             loss, metrics = self.engine(batch, ref_c, ref_r, pair_count=pair_count, chosen_token_count=tokens)
             sums += self._metric_sums(names, loss, metrics, batch, 1.0)
         self.engine.train()
-        return {**self._global(sums, names, pair_count), "pairs": pair_count}
+        return {**self._summed_over_ranks(sums, names, pair_count), "pairs": pair_count}
 
     def _evaluations(self, step: int, *, scheduled: bool) -> dict:
         """The held-out pair metrics and the generation accuracy due at this step (all at the start and
@@ -346,13 +362,7 @@ class Trainer:
 
     def run(self) -> dict:
         cfg, dist = self.cfg, self.dist
-        step, skipped, consecutive = 0, 0, 0
-        if self.resume:
-            state = checkpoint.load(self.engine, checkpoint.checkpoints(self.run_dir)[-1], dist,
-                                    zero_stage=cfg.deepspeed.zero_stage)
-            step, skipped, consecutive = state["step"], state["skipped_steps"], state["consecutive_skipped"]
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.policy.reward_shift.load_state_dict(state["reward_shift"])
+        step, skipped, consecutive = self._restore() if self.resume else (0, 0, 0)
         if dist.main:
             print(self.startup_summary(), file=sys.stderr, flush=True)
         log = MetricsLog(self.run_dir, main=dist.main, total_steps=self.total_steps, start_step=step,
@@ -361,42 +371,29 @@ class Trainer:
         summary = {"run_dir": str(self.run_dir), "steps": self.total_steps, "train_pairs": len(self.train_pairs.valid),
                    "rejected": self.train_pairs.rejected}
         if not self.resume:
-            summary["eval_before"] = self._evaluations(step, scheduled=False)
-            if summary["eval_before"]:
-                log.log(step, "eval", summary["eval_before"])
+            summary["eval_before"] = self._evaluate_and_log(log, step, scheduled=False)
+        batches = self.train_batches(step)
         try:
             while step < self.total_steps:
-                metrics = self.train_step(step)
+                metrics = self.train_step(step, batches)
                 step += 1
-                if metrics["step_applied"]:
-                    consecutive = 0
-                else:
-                    skipped, consecutive = skipped + 1, consecutive + 1
-                    if consecutive >= cfg.optim.max_skipped_steps:
-                        raise RuntimeError(f"{consecutive} consecutive steps had a non-finite loss or gradient "
-                                           f"(last: step {step}); stopping. Lower optim.lr or check the data.")
+                skipped, consecutive = self._count_skipped(metrics["step_applied"], step, skipped, consecutive)
                 if step % cfg.logging.every_steps == 0 or step == self.total_steps:
                     log.log(step, "train", {**metrics, "skipped_steps": skipped})
                 log.advance()
                 if step < self.total_steps:
-                    scheduled = self._evaluations(step, scheduled=True)
-                    if scheduled:
-                        log.log(step, "eval", scheduled)
-                if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < self.total_steps:
-                    checkpoint.save(self.engine, self.run_dir, step, self._state(step, skipped, consecutive), dist,
-                                    zero_stage=cfg.deepspeed.zero_stage, keep_last=cfg.checkpoint.keep_last)
-            summary["eval_after"] = self._evaluations(step, scheduled=False)
-            if summary["eval_after"]:
-                log.log(step, "eval", summary["eval_after"])
+                    self._evaluate_and_log(log, step, scheduled=True)
+                    if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+                        self._save(step, skipped, consecutive)
+            summary["eval_after"] = self._evaluate_and_log(log, step, scheduled=False)
         finally:
-            self._batches, self._loader_step = None, None  # stops the loader's workers
+            batches = None  # stops the loader's workers
             log.close()
             self.rejects.close()
         if skipped == step:
             raise RuntimeError(f"every one of the {step} steps had a non-finite loss or gradient and was skipped: "
                                "nothing was trained, no final model exported. Lower optim.lr or check the data.")
-        checkpoint.save(self.engine, self.run_dir, step, self._state(step, skipped, consecutive), dist,
-                        zero_stage=cfg.deepspeed.zero_stage, keep_last=cfg.checkpoint.keep_last)
+        self._save(step, skipped, consecutive)
         if cfg.checkpoint.export_final:
             summary["final"] = str(export.export_final(
                 self.engine, Path(cfg.model.path), self.run_dir, dist, zero_stage=cfg.deepspeed.zero_stage,
@@ -404,6 +401,32 @@ class Trainer:
         summary["skipped_steps"] = skipped
         self.release()
         return summary
+
+    def _restore(self) -> tuple[int, int, int]:
+        """Load the latest checkpoint -> (step, skipped steps, consecutive skipped steps)."""
+        state = checkpoint.load(self.engine, checkpoint.checkpoints(self.run_dir)[-1], self.dist,
+                                zero_stage=self.cfg.deepspeed.zero_stage)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.policy.reward_shift.load_state_dict(state["reward_shift"])
+        return state["step"], state["skipped_steps"], state["consecutive_skipped"]
+
+    def _count_skipped(self, applied: bool, step: int, skipped: int, consecutive: int) -> tuple[int, int]:
+        if applied:
+            return skipped, 0
+        if consecutive + 1 >= self.cfg.optim.max_skipped_steps:
+            raise RuntimeError(f"{consecutive + 1} consecutive steps had a non-finite loss or gradient "
+                               f"(last: step {step}); stopping. Lower optim.lr or check the data.")
+        return skipped + 1, consecutive + 1
+
+    def _evaluate_and_log(self, log: MetricsLog, step: int, *, scheduled: bool) -> dict:
+        out = self._evaluations(step, scheduled=scheduled)
+        if out:
+            log.log(step, "eval", out)
+        return out
+
+    def _save(self, step: int, skipped: int, consecutive: int) -> None:
+        checkpoint.save(self.engine, self.run_dir, step, self._state(step, skipped, consecutive), self.dist,
+                        zero_stage=self.cfg.deepspeed.zero_stage, keep_last=self.cfg.checkpoint.keep_last)
 
     def release(self) -> None:
         """Give the run folder up now, not when the process ends: a later command in this process may take it."""
