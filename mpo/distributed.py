@@ -44,10 +44,11 @@ def init(device_choice: str = "auto", *, setting: str = "train.device") -> Dist:
 
     # no launcher: a group of one, described as a launcher would describe it. DeepSpeed reads the
     # environment, not the process group (the engine and zero.Init take LOCAL_RANK from it; its own
-    # MPI discovery writes these same variables)
+    # MPI discovery writes these same variables). A free port of its own: a MASTER_PORT without a
+    # RANK is left over from another group (a parent process's), whose store may still hold it.
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+                          MASTER_PORT=str(_free_port()))
     cuda = torch.cuda.is_available() if device_choice == "auto" else device_choice == "cuda"
     if cuda and not torch.cuda.is_available():
         raise ValueError(f"{setting} cuda: no CUDA device is available")

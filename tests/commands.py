@@ -13,7 +13,9 @@ import yaml
 
 
 def env():
-    e = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    """The test process's environment without what a process group in it (or the interpreter) set."""
+    launched = ("TRITON_INTERPRET", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    e = {k: v for k, v in os.environ.items() if k not in launched}
     return {**e, "PYTHONUNBUFFERED": "1"}
 
 

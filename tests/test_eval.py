@@ -101,6 +101,7 @@ def test_images_on_the_tiny_internvl_match_the_sampler(tmp_path, tiny_models, de
     assert report["truncated"] == sum(c.truncated for c in alone) / 5
 
 
+@pytest.mark.slow
 def test_resumes_after_a_kill_and_refuses_other_settings(tmp_path, tiny_models, capsys):
     from mpo.cli import main
 

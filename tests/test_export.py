@@ -179,6 +179,7 @@ print(json.dumps({"peak": peak, "model": sum(t.nbytes for t in tensors), "larges
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
 def test_host_memory_stays_near_one_shard(tmp_path):
     """A 90 MB model written in 8 MiB shards: the export's peak resident memory above what the process

@@ -298,6 +298,7 @@ def count_prompts(tmp_path, demo_data):
     return write_jsonl(tmp_path / "count.jsonl", [json.loads(x) for x in lines])
 
 
+@pytest.mark.slow
 def test_dropout_ntp_with_images_resumes_after_a_kill(tmp_path, tiny_models, demo_data, count_prompts):
     model, out = tiny_models["internvl"], tmp_path / "out"
     args = ["pairs", "dropout-ntp", "--model", model, "--data", count_prompts, "--image-root", demo_data,
@@ -327,6 +328,7 @@ def test_dropout_ntp_with_images_resumes_after_a_kill(tmp_path, tiny_models, dem
     assert json.loads((out / "summary.json").read_text())["continued"] == len(rows)
 
 
+@pytest.mark.slow
 def test_two_ranks_shard_and_merge_in_input_order(tmp_path, tiny_models, demo_data, count_prompts):
     out = tmp_path / "out"
     mpo("pairs", "dropout-ntp", "--model", tiny_models["internvl"], "--data", count_prompts, "--image-root", demo_data,
@@ -369,6 +371,7 @@ ARITHMETIC = [("2 + 2", "4"), ("3 + 4", "7"), ("5 + 5", "10"), ("10 - 3", "7"), 
 INSTRUCTION = 'Start your reply with "Final answer:"'
 
 
+@pytest.mark.slow
 def test_real_lm_correctness_pairs_then_train(tmp_path, smollm2):
     prompts = write_jsonl(tmp_path / "arith.jsonl", [{"id": f"a{k}", "question": f"What is {q}?", "answer": a}
                                                     for k, (q, a) in enumerate(ARITHMETIC)])

@@ -89,6 +89,7 @@ def test_python_twin_is_the_reference():
     assert plan_packing_python([4, 4, 4], 8, None, 3) == [[0, 1], [2]]
 
 
+@pytest.mark.slow
 def test_bench_packing_smoke():
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, str(root / "bench" / "bench_packing.py"), "--pairs", "20000",

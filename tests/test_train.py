@@ -21,7 +21,8 @@ import yaml
 from commands import env, free_port, launcher, mpo, write_config
 from safetensors.torch import load_file, save_file
 
-pytestmark = pytest.mark.slow
+# The slow tier, but for one 2-rank ZeRO-3 run and one kill-and-resume, kept in the fast tier.
+SLOW = pytest.mark.slow
 
 
 def rows(run_dir, split="train"):
@@ -65,7 +66,7 @@ def generations(run_dir, step):
     return [json.loads(x) for x in (run_dir / "generations" / f"step-{step}.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("arch", ["internvl", "qwen2_5_vl"])
+@pytest.mark.parametrize("arch", ["internvl", pytest.param("qwen2_5_vl", marks=SLOW)])
 def test_two_ranks_match_one_rank_under_zero3(tmp_path, tiny_models, demo_data, arch):
     """Same global batch: the same losses step for step (ZeRO-3, gloo), whatever the split, with
     image and text-only pairs mixed; held-out questions answered during training (an odd count: one
@@ -132,7 +133,7 @@ def opened_by_thread(trace) -> dict[str, set[str]]:
     return found
 
 
-@pytest.mark.parametrize("stage,ranks", [(3, 4), (0, 1)])
+@pytest.mark.parametrize("stage,ranks", [pytest.param(3, 4, marks=SLOW), (0, 1)])
 def test_killed_and_resumed_run_ends_bit_identical(tmp_path, tiny_models, demo_data, stage, ranks):
     config = write_config(tmp_path / "c.yaml", tiny_models["internvl"], demo_data, train={"max_steps": 6},
                           deepspeed={"zero_stage": stage}, checkpoint={"every_steps": 2, "keep_last": 3},
@@ -180,6 +181,7 @@ def test_killed_and_resumed_run_ends_bit_identical(tmp_path, tiny_models, demo_d
         (tmp_path / "whole" / "checkpoint-6" / "trainer.json").read_text())["reward_shift"]
 
 
+@SLOW
 def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, tiny_models, demo_data):
     """Flipped bytes in tensor data or in a safetensors header, or a missing file: the resume stops before
     reading anything, naming the file and the checkpoint to fall back to."""
@@ -207,6 +209,7 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, tiny_models, 
         path.write_bytes(original)
 
 
+@SLOW
 def test_a_full_disk_or_an_unwritable_folder_is_one_line(tmp_path, tiny_models, demo_data):
     """A write that fails (here a file-size limit, as a full disk would) or an output folder that cannot be
     made: one line naming the path, no traceback."""
@@ -226,6 +229,7 @@ def test_a_full_disk_or_an_unwritable_folder_is_one_line(tmp_path, tiny_models, 
     assert proc.stderr.strip().splitlines()[-1].endswith(f"Not a directory: '{tmp_path / 'a-file' / 'run'}'")
 
 
+@SLOW
 def test_cached_and_online_reference_give_the_same_losses(tmp_path, tiny_models, demo_data):
     config = write_config(tmp_path / "c.yaml", tiny_models["internvl"], demo_data, deepspeed={"zero_stage": 3},
                           checkpoint={"export_final": False})
@@ -238,6 +242,7 @@ def test_cached_and_online_reference_give_the_same_losses(tmp_path, tiny_models,
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
 
 
+@SLOW
 @pytest.mark.parametrize("arch", ["internvl", "qwen2_5_vl", "qwen3_vl", "llama"])
 def test_final_export_loads_with_from_pretrained(tmp_path, tiny_models, demo_data, arch):
     """final/ loads with the family's Auto class, with no missing or unexpected key, and holds the trained
@@ -307,6 +312,7 @@ print(json.dumps(out))
 """
 
 
+@SLOW
 def test_answers_during_training_are_those_of_mpo_eval_on_the_saved_model(tmp_path, tiny_models, demo_data):
     """The last generation evaluation runs on the weights final/ holds: `mpo eval` on final/ gives the
     same responses, verdicts and accuracy. Answering leaves training as it was (packed attention back
@@ -333,6 +339,7 @@ def test_answers_during_training_are_those_of_mpo_eval_on_the_saved_model(tmp_pa
     assert [r["loss"] for r in rows(tmp_path / "plain")] == [r["loss"] for r in train_rows]
 
 
+@SLOW
 def test_non_finite_steps_are_skipped_not_applied(tmp_path, tiny_models, demo_data):
     config = write_config(tmp_path / "c.yaml", tiny_models["internvl"], demo_data, deepspeed={"zero_stage": 0},
                           data={"eval": ""})
@@ -370,6 +377,7 @@ print(json.dumps([applied, h.hexdigest()]))
 """
 
 
+@SLOW
 @pytest.mark.parametrize("stage", [0, 2])
 def test_a_skipped_step_leaves_nothing_behind(tmp_path, tiny_models, demo_data, stage):
     """Step 0 goes bad in its second micro-batch, after the first one's backward: the next step must
@@ -389,6 +397,7 @@ def test_a_skipped_step_leaves_nothing_behind(tmp_path, tiny_models, demo_data, 
     assert skipped[1] == clean[1]
 
 
+@SLOW
 def test_too_many_skipped_steps_stop_the_run(tmp_path, tiny_models, demo_data):
     config = write_config(tmp_path / "c.yaml", tiny_models["internvl"], demo_data, deepspeed={"zero_stage": 0},
                           data={"eval": ""}, optim={"lr": 1e30, "max_skipped_steps": 2})
@@ -396,6 +405,7 @@ def test_too_many_skipped_steps_stop_the_run(tmp_path, tiny_models, demo_data):
     assert proc.returncode != 0 and "consecutive steps had a non-finite loss or gradient" in proc.stderr
 
 
+@SLOW
 def test_clear_errors(tmp_path, tiny_models, demo_data):
     config = write_config(tmp_path / "c.yaml", tiny_models["internvl"], demo_data)
     proc = mpo("train", config, "train.typo=1", check=False)
@@ -417,6 +427,7 @@ def test_clear_errors(tmp_path, tiny_models, demo_data):
     assert proc.returncode == 1 and "no checkpoint" in proc.stderr
 
 
+@SLOW
 def test_plot(tmp_path):
     from mpo.cli import main
 
@@ -430,6 +441,7 @@ def test_plot(tmp_path):
     assert (run / "metrics.png").stat().st_size > 1000
 
 
+@SLOW
 def test_demo_learns(tmp_path):
     """`mpo train` with no config: both demo stages, then held-out reward accuracy of at least 0.9."""
     proc = subprocess.run([sys.executable, "-m", "mpo", "train", "--output-dir", str(tmp_path / "run")],
@@ -444,6 +456,7 @@ def test_demo_learns(tmp_path):
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 
+@SLOW
 def test_loader_workers_change_nothing(tmp_path, tiny_models, demo_data):
     """Rows rendered in 2 worker processes or in the training process: bitwise-equal metrics; the
     index built once serves the second run (data.index_dir)."""
@@ -460,6 +473,7 @@ def test_loader_workers_change_nothing(tmp_path, tiny_models, demo_data):
     assert len(list((tmp_path / "index").glob("pairs-*.safetensors"))) == 2  # train and eval, built once
 
 
+@SLOW
 def test_a_run_that_never_trained_fails_and_exports_nothing(tmp_path, tiny_models, demo_data):
     """Every step skipped (a NaN in the tied embedding / LM head makes every loss non-finite): a non-zero exit,
     no final/; metrics.jsonl stays strict JSON (the non-finite loss is null); a half-written checkpoint left by a killed
@@ -484,6 +498,7 @@ def test_a_run_that_never_trained_fails_and_exports_nothing(tmp_path, tiny_model
     assert all(r["loss"] is None for r in train)
 
 
+@SLOW
 @pytest.mark.parametrize("stage,ranks", [(0, 1), (3, 2)])
 def test_lora_trains_only_adapters_and_exports_merged_and_adapter(tmp_path, tiny_models, demo_data, stage, ranks):
     """final/ is the base model plus alpha / r * B A in every adapted layer and nothing else changed
@@ -523,6 +538,7 @@ def test_lora_trains_only_adapters_and_exports_merged_and_adapter(tmp_path, tiny
     assert stored < full_weight / 4, (stored, full_weight)
 
 
+@SLOW
 def test_lora_resumes_bit_identical(tmp_path, tiny_models, demo_data):
     config = write_config(tmp_path / "c.yaml", tiny_models["internvl"], demo_data, train={"max_steps": 4},
                           deepspeed={"zero_stage": 0}, lora={"r": 4, "modules_to_save": ["multi_modal_projector"]},
@@ -560,6 +576,7 @@ if t.dist.main:
 """
 
 
+@SLOW
 @pytest.mark.parametrize("stage,ranks", [(0, 1), (3, 2)])
 def test_lora_online_reference_is_the_policy_without_adapters(tmp_path, tiny_models, demo_data, stage, ranks):
     """loss.reference=online with LoRA loads no second model: the policy with its adapters disabled
@@ -590,6 +607,7 @@ def test_lora_online_reference_is_the_policy_without_adapters(tmp_path, tiny_mod
     assert abs(rows(tmp_path / "online", "eval")[-1]["rewards/chosen"]) > 1e-4  # the adapters trained
 
 
+@SLOW
 @pytest.mark.gpu
 def test_qlora_trains_adapters_over_4bit_weights(tmp_path, tiny_models, demo_data):
     """QLoRA on the GPU: finite losses, every step applied, the adapters changed, and final/ an
