@@ -78,6 +78,23 @@ def barrier() -> None:
     dist.barrier()
 
 
+class _GroupSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None  # this rank's part only: every rank backpropagates the same loss
+
+
+def group_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """Elementwise sum over `group`; differentiable, the gradient flowing to this rank's own part."""
+    return _GroupSum.apply(x, group)
+
+
 # --- phases: long stretches of work that fail together ---------------------------------------------------------
 
 _phases = 0  # phases entered by this process; every rank enters the same phases in the same order

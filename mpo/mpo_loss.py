@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
+from mpo.distributed import group_sum
 from mpo.logprobs import linear_sequence_logps
 from mpo.losses import (
     MPO_LOSS_TYPES,
@@ -78,8 +79,12 @@ class MPOLoss(torch.nn.Module):
                  loss_weights: Sequence[float] = MPO_LOSS_WEIGHTS,
                  reward_shift: str | RewardShift = "cumulative", *, update_shift: bool = True,
                  label_smoothing: float = 0.0, sft_normalization: str = "sequence", temperature: float = 1.0,
-                 softcap: float | None = None, ignore_index: int = -100, impl: str = "auto"):
+                 softcap: float | None = None, ignore_index: int = -100, impl: str = "auto",
+                 sequence_group=None):
         super().__init__()
+        # sequence parallelism: the ranks of this group hold parts of the same sequences, whose sums
+        # are added over it (each rank's gradient flowing to its own part)
+        self.sequence_group = sequence_group
         self.loss_types, self.loss_weights = check_loss_spec(loss_types, loss_weights)
         if not beta > 0:
             raise ValueError(f"beta must be > 0, got {beta}")
@@ -103,6 +108,8 @@ class MPOLoss(torch.nn.Module):
         ref_c = ref_chosen_logps.to(hidden.device, torch.float32).contiguous()
         ref_r = ref_rejected_logps.to(hidden.device, torch.float32).contiguous()
         sums, counts = linear_sequence_logps(hidden, weight, targets, seq_ids, 2 * P, bias, **self.head)
+        if self.sequence_group is not None:
+            sums, counts = group_sum(sums, self.sequence_group), group_sum(counts, self.sequence_group)
         chosen, rejected = sums[0::2], sums[1::2]
         if chosen_token_count is None:
             chosen_token_count = counts[0::2].sum()

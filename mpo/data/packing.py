@@ -155,6 +155,29 @@ def as_position_ids(positions: torch.Tensor) -> torch.Tensor:
     return positions if positions.shape[0] == 1 else positions[:, None]
 
 
+def with_document(batch: PackedBatch, ids: list[int], positions: torch.Tensor, **replaced) -> PackedBatch:
+    """`batch` with one more document at its end that nothing is scored on: its tokens attend only
+    to each other, carry no target and belong to no sequence. positions: [rows, len(ids)];
+    `replaced`: fields that change with it (the row's images)."""
+    device, n = batch.input_ids.device, len(ids)
+
+    def extend(t, values):
+        return torch.cat([t, values.to(device=device, dtype=t.dtype).view(1, -1)], dim=1)
+
+    ones = torch.ones(n, dtype=torch.long)
+    return dataclasses.replace(
+        batch,
+        input_ids=extend(batch.input_ids, torch.tensor(ids)),
+        position_ids=torch.cat([batch.position_ids, as_position_ids(positions).to(device)], dim=-1),
+        labels=extend(batch.labels, ones * IGNORE),
+        seq_ids=extend(batch.seq_ids, -ones),
+        doc_ids=extend(batch.doc_ids, ones * (len(batch.cu_seqlens) - 1)),
+        branch_ids=extend(batch.branch_ids, ones * SHARED),
+        cu_seqlens=torch.cat([batch.cu_seqlens, batch.cu_seqlens[-1:] + n]),
+        **replaced,
+    )
+
+
 def pack_row(pairs: list[RenderedPair], layout: str, positions=arange_positions) -> PackedBatch:
     """One packed row from rendered pairs (in the given order). positions(ids, image_grid_thw) ->
     [rows, len(ids)]: the position ids of a document run alone (the model family's)."""

@@ -7,7 +7,7 @@ submodule and registers the weight (and bias) as that submodule's external param
 then gathers them for the loss's forward and again for its backward, which recomputes the logit
 tiles. Tied embeddings need nothing more: the shared Parameter is simply gathered for both uses.
 
-Vision-language models run their vision tower on every row, first (see `packed_hidden_states`).
+Vision-language models run their vision tower on every row, first (see `scored_hidden_states`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from mpo.data.packing import PackedBatch
-from mpo.models.loading import lm_head, packed_hidden_states
+from mpo.models.loading import lm_head, scored_hidden_states
+from mpo.models.sequence_parallel import Shard
 from mpo.mpo_loss import MPOLoss
 
 
@@ -33,9 +34,10 @@ class PolicyWithLoss(torch.nn.Module):
     """forward(batch, ref_chosen [P], ref_rejected [P], *, pair_count, chosen_token_count, scale)
     -> (scale x loss, metrics) for one packed row; the counts are the step's global normalisers."""
 
-    def __init__(self, model, criterion: MPOLoss, *, zero3: bool, attention: str = "auto", lora=None):
+    def __init__(self, model, criterion: MPOLoss, *, zero3: bool, attention: str = "auto", lora=None,
+                 shard: Shard | None = None):
         super().__init__()
-        self.model = model
+        self.model, self.shard = model, shard  # shard: this rank's part of each row (sequence parallelism)
         self.lora = lora  # peft's LoraConfig of the adapters in `model` (the export merges them); None: no LoRA
         self.loss_head = _LossHead(criterion)
         self.attention = attention
@@ -57,8 +59,8 @@ class PolicyWithLoss(torch.nn.Module):
 
     def forward(self, batch: PackedBatch, ref_chosen, ref_rejected, *, pair_count, chosen_token_count,
                 scale: float = 1.0):
-        hidden = packed_hidden_states(self.model, batch, backend=self.attention)
+        hidden, labels, seq_ids = scored_hidden_states(self.model, batch, backend=self.attention, shard=self.shard)
         head = lm_head(self.model)
-        loss, metrics = self.loss_head(hidden, head.weight, head.bias, batch.labels[0], batch.seq_ids[0],
-                                       ref_chosen, ref_rejected, pair_count, chosen_token_count)
+        loss, metrics = self.loss_head(hidden, head.weight, head.bias, labels, seq_ids, ref_chosen, ref_rejected,
+                                       pair_count, chosen_token_count)
         return loss * scale, metrics

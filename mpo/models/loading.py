@@ -10,18 +10,19 @@ build a cache for a packed row, and a cache makes no sense for a whole-row forwa
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import struct
 import weakref
 from pathlib import Path
 
 import torch
 
-from mpo.data.packing import SHARED, PackedBatch, as_position_ids
+from mpo.data.packing import PackedBatch, with_document
+from mpo.distributed import group_sum
 from mpo.families import family_of
 from mpo.logprobs import linear_sequence_logps
 from mpo.models.packed_attention import PackingInfo, register
 from mpo.models.quantized import bnb_4bit
+from mpo.models.sequence_parallel import Shard
 
 # the dtype names of model.dtype and `mpo logps --dtype`
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -118,50 +119,47 @@ def packed_hidden_states(model, batch: PackedBatch, *, backend: str = "auto") ->
     same modules in the same order, whatever images their rows hold; the blank document keeps the
     model's own code path.
     """
+    return scored_hidden_states(model, batch, backend=backend)[0]
+
+
+def scored_hidden_states(model, batch: PackedBatch, *, backend: str = "auto", shard: Shard | None = None):
+    """(hidden states [n, D], labels [n], sequence ids [n]) of the tokens of one packed row this
+    rank scores: all of them, or with `shard` (sequence parallelism) its part of the row."""
+    length = batch.num_tokens
     backbone = getattr(model, "model", None)
     if backbone is None:
         raise ValueError(f"{type(model).__name__} has no `.model` backbone")
-    length = batch.num_tokens
     family = model_family(model)
     if batch.pixel_values is None and family.vision:
         batch = _with_blank_image(family, batch)
-    kwargs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
-                  packing=PackingInfo.of(batch, backend))
+    ids, positions, mine = batch.input_ids, batch.position_ids, slice(0, length)  # scored: not a blank image
+    if shard is not None:
+        batch = shard.padded(batch, family.position_rows)
+        mine = shard.local(batch)
+        ids, positions = batch.input_ids[:, mine], batch.position_ids[..., mine]
+    kwargs = dict(input_ids=ids, position_ids=positions, use_cache=False, packing=PackingInfo.of(batch, backend))
     if batch.pixel_values is not None:
         kwargs["pixel_values"] = batch.pixel_values.to(model.dtype)
     if batch.image_grid_thw is not None:
         kwargs["image_grid_thw"] = batch.image_grid_thw
-    return backbone(**kwargs).last_hidden_state[0, :length]
+    hidden = backbone(**kwargs).last_hidden_state[0]
+    return hidden[mine] if shard is None else hidden, batch.labels[0, mine], batch.seq_ids[0, mine]
 
 
 def _with_blank_image(family, batch: PackedBatch) -> PackedBatch:
     ids, pixels, grid = family.blank_image()
-    device, n = batch.input_ids.device, len(ids)
-
-    def extend(t, values):
-        return torch.cat([t, values.to(device=device, dtype=t.dtype).view(1, -1)], dim=1)
-
-    blank = torch.ones(n, dtype=torch.long)
-    positions = as_position_ids(family.positions(ids, grid)).to(device)
-    return dataclasses.replace(
-        batch,
-        input_ids=extend(batch.input_ids, torch.tensor(ids)),
-        position_ids=torch.cat([batch.position_ids, positions], dim=-1),
-        labels=extend(batch.labels, blank * -100),
-        seq_ids=extend(batch.seq_ids, blank * -1),
-        doc_ids=extend(batch.doc_ids, blank * (len(batch.cu_seqlens) - 1)),
-        branch_ids=extend(batch.branch_ids, blank * SHARED),
-        cu_seqlens=torch.cat([batch.cu_seqlens, batch.cu_seqlens[-1:] + n]),
-        pixel_values=pixels.to(device),
-        image_grid_thw=None if grid is None else grid.to(device),
-    )
+    device = batch.input_ids.device
+    return with_document(batch, ids, family.positions(ids, grid), pixel_values=pixels.to(device),
+                         image_grid_thw=None if grid is None else grid.to(device))
 
 
-def pair_logps(model, batch: PackedBatch, *, backend: str = "auto", impl: str = "auto", zero3: bool = False):
+def pair_logps(model, batch: PackedBatch, *, backend: str = "auto", impl: str = "auto", zero3: bool = False,
+               shard: Shard | None = None):
     """Per-sequence log-prob sums of a packed row -> (sums [2 x pairs] fp32, token counts).
     zero3: the model's parameters are ZeRO-3 shards; the LM head is gathered around the kernel
-    (which reads its weight directly, outside any module's forward)."""
-    hidden = packed_hidden_states(model, batch, backend=backend)
+    (which reads its weight directly, outside any module's forward). shard: this rank's part of
+    the row (sequence parallelism); the sums and counts are those of the whole row."""
+    hidden, labels, seq_ids = scored_hidden_states(model, batch, backend=backend, shard=shard)
     head = lm_head(model)
     gather = contextlib.nullcontext()
     if zero3:
@@ -169,5 +167,8 @@ def pair_logps(model, batch: PackedBatch, *, backend: str = "auto", impl: str = 
 
         gather = deepspeed.zero.GatheredParameters([p for p in (head.weight, head.bias) if p is not None])
     with gather:
-        return linear_sequence_logps(hidden, head.weight, batch.labels[0], batch.seq_ids[0], 2 * batch.num_pairs,
-                                     head.bias, softcap=logit_softcap(model), impl=impl)
+        sums, counts = linear_sequence_logps(hidden, head.weight, labels, seq_ids, 2 * batch.num_pairs, head.bias,
+                                             softcap=logit_softcap(model), impl=impl)
+    if shard is not None:
+        sums, counts = group_sum(sums, shard.group), group_sum(counts, shard.group)
+    return sums, counts

@@ -113,7 +113,9 @@ class TrainConfig:
     epochs: int = opt(1, "passes over the data when max_steps is 0", low=1)
     seed: int = opt(0, "seed of data order, packing and initialisation", low=0)
     global_batch_pairs: int = opt(256, "pairs per optimizer step, over all micro-batches and ranks", low=1)
-    max_tokens_per_row: int = opt(8192, "tokens per packed row (one micro-batch)", low=2)
+    max_tokens_per_row: int = opt(8192, "tokens per packed row on one rank (one micro-batch)", low=2)
+    sequence_parallel_size: int = opt(1, "ranks that split each packed row (DeepSpeed Ulysses; a row then holds "
+                                         "max_tokens_per_row x N tokens); world = data x sequence parallel", low=1)
     eval_every: int = opt(0, "evaluate every N steps (0 = only before and after training)", low=0)
     eval_generation_every: int = opt(0, "answer data.eval_prompts every N steps (0 = only before and after "
                                         "training)", low=0)

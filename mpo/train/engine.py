@@ -17,9 +17,11 @@ import torch
 from mpo.distributed import Dist
 from mpo.families import family_of
 from mpo.losses import RewardShift
+from mpo.models import sequence_parallel
 from mpo.models.fused_head import PolicyWithLoss
 from mpo.models.loading import DTYPES, load_model, logit_softcap
 from mpo.models.lora import add_lora
+from mpo.models.sequence_parallel import Shard
 from mpo.mpo_loss import MPOLoss
 from mpo.train.config import Config
 
@@ -160,8 +162,34 @@ def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
     return factor
 
 
-def build(cfg: Config, dist: Dist, total_steps: int, dtype: torch.dtype, ds_config: dict):
-    """-> (engine, scheduler): the policy wrapped with its fused loss (`deepspeed_config(cfg, dtype)`)."""
+def enable_sequence_parallel(cfg: Config, dist: Dist) -> Shard:
+    """Split rows over groups of train.sequence_parallel_size ranks (`mpo.models.sequence_parallel`);
+    refused, with the reason, where that cannot work yet."""
+    from transformers import AutoConfig
+
+    size = cfg.train.sequence_parallel_size
+    if cfg.deepspeed.zero_stage != 3:
+        raise ValueError(f"train.sequence_parallel_size {size} needs deepspeed.zero_stage 3: the loss scale relies "
+                         "on ZeRO-3 averaging gradients over every rank (stages 0-2 average over data ranks only)")
+    config = AutoConfig.from_pretrained(cfg.model.path)
+    if family_of(config).vision:
+        raise ValueError(f"train.sequence_parallel_size {size}: {config.model_type} is a vision-language model; "
+                         "sequence parallelism runs text models so far (a shard's image tokens need the image "
+                         "features of the whole row)")
+    reference = cfg.loss.reference_model
+    if reference and cfg.loss.reference == "online":
+        text, other = config.get_text_config(), AutoConfig.from_pretrained(reference).get_text_config()
+        heads = ("num_attention_heads", "num_key_value_heads", "hidden_size")
+        if [getattr(text, h, None) for h in heads] != [getattr(other, h, None) for h in heads]:
+            raise ValueError(f"loss.reference_model {reference}: its attention heads differ from model.path's; with "
+                             "train.sequence_parallel_size every model of the run shares one head split")
+    return sequence_parallel.enable(cfg.model.path, size, dist)
+
+
+def build(cfg: Config, dist: Dist, total_steps: int, dtype: torch.dtype, ds_config: dict, *,
+          shard: Shard | None = None):
+    """-> (engine, scheduler): the policy wrapped with its fused loss (`deepspeed_config(cfg, dtype)`);
+    `shard`: this rank's part of each row (sequence parallelism, `enable_sequence_parallel`)."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -180,8 +208,9 @@ def build(cfg: Config, dist: Dist, total_steps: int, dtype: torch.dtype, ds_conf
     shift = RewardShift(cfg.loss.reward_shift, cfg.loss.reward_shift_momentum)
     criterion = MPOLoss(cfg.loss.beta, cfg.loss.types, cfg.loss.weights, shift, update_shift=False,
                         label_smoothing=cfg.loss.label_smoothing, sft_normalization=cfg.loss.sft_normalization,
-                        softcap=logit_softcap(model), impl=cfg.loss.impl)
-    policy = PolicyWithLoss(model, criterion, zero3=zero3, attention=cfg.model.attention, lora=lora)
+                        softcap=logit_softcap(model), impl=cfg.loss.impl,
+                        sequence_group=None if shard is None else shard.group)
+    policy = PolicyWithLoss(model, criterion, zero3=zero3, attention=cfg.model.attention, lora=lora, shard=shard)
 
     roles, lrs = role_lrs(model, cfg)
     optimizer = torch.optim.AdamW(param_groups(policy, cfg.optim.weight_decay, roles, lrs), lr=cfg.optim.lr,
@@ -190,5 +219,6 @@ def build(cfg: Config, dist: Dist, total_steps: int, dtype: torch.dtype, ds_conf
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, cfg.optim.warmup_ratio, cfg.optim.schedule))
     engine, _, _, scheduler = deepspeed.initialize(model=policy, optimizer=optimizer, lr_scheduler=scheduler,
-                                                   config=ds_config)
+                                                   config=ds_config,
+                                                   mpu=None if shard is None else sequence_parallel.mpu())
     return engine, scheduler

@@ -32,6 +32,7 @@ from mpo.distributed import Dist, Phase
 from mpo.models.loading import load_model, pair_logps
 from mpo.models.lora import adapters_disabled
 from mpo.models.reference_pass import run_pass, save_pair_logps
+from mpo.models.sequence_parallel import Shard
 from mpo.train.config import Config
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".jinja", ".txt", ".model", ".tiktoken")
@@ -47,8 +48,8 @@ class ReferenceModel:
     """A frozen model giving per-sequence log-prob sums of packed rows."""
 
     def __init__(self, path: str, *, dtype: torch.dtype, dist: Dist, zero_stage: int, attention: str,
-                 ds_config: dict, impl: str = "auto", load_in_4bit: bool = False):
-        self.attention, self.zero3, self.impl = attention, zero_stage == 3, impl
+                 ds_config: dict, impl: str = "auto", load_in_4bit: bool = False, shard: Shard | None = None):
+        self.attention, self.zero3, self.impl, self.shard = attention, zero_stage == 3, impl, shard
         if self.zero3:
             import deepspeed
             from transformers.integrations import HfDeepSpeedConfig
@@ -67,7 +68,8 @@ class ReferenceModel:
 
     @torch.no_grad()
     def sums(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        return pair_logps(self.model, batch, backend=self.attention, impl=self.impl, zero3=self.zero3)
+        return pair_logps(self.model, batch, backend=self.attention, impl=self.impl, zero3=self.zero3,
+                          shard=self.shard)
 
 
 def base_is_reference(cfg: Config) -> bool:
@@ -84,8 +86,8 @@ class BaseReference:
     (as a loaded reference runs; a LoRA layer's dropout is then off as well), no gradients. Each
     module's train / eval mode is put back afterwards."""
 
-    def __init__(self, model, *, zero_stage: int, attention: str, impl: str = "auto"):
-        self.model, self.zero3, self.attention, self.impl = model, zero_stage == 3, attention, impl
+    def __init__(self, model, *, zero_stage: int, attention: str, impl: str = "auto", shard: Shard | None = None):
+        self.model, self.zero3, self.attention, self.impl, self.shard = model, zero_stage == 3, attention, impl, shard
 
     @torch.no_grad()
     def sums(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +95,8 @@ class BaseReference:
         self.model.eval()
         try:
             with adapters_disabled(self.model):
-                return pair_logps(self.model, batch, backend=self.attention, impl=self.impl, zero3=self.zero3)
+                return pair_logps(self.model, batch, backend=self.attention, impl=self.impl, zero3=self.zero3,
+                                  shard=self.shard)
         finally:
             for m, mode in modes.items():
                 m.training = mode
@@ -103,20 +106,24 @@ PART = ("pairs", "sums", "counts")  # a rank's run_pass results, its rows concat
 
 
 def build_cache(pairs: PairDataset, reference: ReferenceModel, key: dict, out: Path, dist: Dist, dtype,
-                loader_options: dict, phase: Phase) -> None:
-    """Run the reference over every valid pair (rows dealt to ranks, blank rows padding the short
-    ones) and write `out` on rank 0, in the `mpo logps` layout. Each other rank leaves its sums
-    beside `out` and the ranks meet through the `phase` they are in: a pass of many hours may end
-    on one rank long after another, longer than a collective would wait."""
+                loader_options: dict, phase: Phase, *, data: tuple[int, int] | None = None) -> None:
+    """Run the reference over every valid pair (rows dealt to data ranks, blank rows padding the
+    short ones) and write `out` on rank 0, in the `mpo logps` layout. Each other data rank leaves
+    its sums beside `out` and the ranks meet through the `phase` they are in: a pass of many hours
+    may end on one rank long after another, longer than a collective would wait. data: (this
+    rank's data rank, data ranks) under sequence parallelism, where the first rank of each group
+    writes the group's sums; default (rank, world)."""
     from safetensors.torch import load_file
 
-    dealt = pairs.deal(pairs.data_order_rows(), dist.world)
-    mine = dealt[dist.rank]
+    rank, world = data or (dist.rank, dist.world)
+    dealt = pairs.deal(pairs.data_order_rows(), world)
+    mine = dealt[rank]
     rows = [mine[k] if k < len(mine) else () for k in range(max(len(r) for r in dealt))]
     results = run_pass(pairs, rows, reference.sums, dist.device, dtype, loader_options)
-    parts = [out.with_name(f"{out.name}.part-{r}-of-{dist.world}") for r in range(dist.world)]
-    if not dist.main:
-        save_atomic(dict(zip(PART, map(torch.cat, zip(*results, strict=True)), strict=True)), parts[dist.rank])
+    parts = [out.with_name(f"{out.name}.part-{r}-of-{world}") for r in range(world)]
+    writes = dist.rank == rank * (dist.world // world)  # a group's first rank
+    if not dist.main and writes:
+        save_atomic(dict(zip(PART, map(torch.cat, zip(*results, strict=True)), strict=True)), parts[rank])
     phase.sync()
     if dist.main:
         for path in parts[1:]:

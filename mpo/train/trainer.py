@@ -42,7 +42,7 @@ from mpo.models.quantized import require_4bit
 from mpo.train import checkpoint, export
 from mpo.train.config import Config, dump, saved_in_current_keys
 from mpo.train.data import TrainPlan
-from mpo.train.engine import build, deepspeed_config, role_lrs, train_dtype
+from mpo.train.engine import build, deepspeed_config, enable_sequence_parallel, role_lrs, train_dtype
 from mpo.train.generation_eval import GenerationEval
 from mpo.train.metrics import MetricsLog, flops_per_token, peak_flops, peak_memory_gb, reporters
 from mpo.train.reference import BaseReference, ReferenceModel, base_is_reference, build_cache, cache_key, load_cache
@@ -70,7 +70,11 @@ class Trainer:
             require_4bit(self.dist.device)
         self.report_to = reporters(cfg.logging.report_to, main=self.dist.main) if train else []
         self.lock = self._take_run_folder(train)
-        self.packing = PackingOptions(cfg.data.packing, cfg.train.max_tokens_per_row, cfg.data.overlong)
+        # sequence parallelism: groups of N consecutive ranks share each row, one data rank per group
+        sp = cfg.train.sequence_parallel_size
+        self.shard = enable_sequence_parallel(cfg, self.dist) if sp > 1 else None
+        self.data_rank, self.data_world = self.dist.rank // sp, self.dist.world // sp
+        self.packing = PackingOptions(cfg.data.packing, cfg.train.max_tokens_per_row * sp, cfg.data.overlong)
         # rank 0 indexes the data and lists the rejected records; a resumed run (whose index is
         # already there) keeps the first start's list as it is
         listed = self.dist.main and not resume
@@ -97,11 +101,12 @@ class Trainer:
         # whether a reference cache was just built (its loader draws seeds), loaded, or not used
         cfg = self.cfg
         seed_everything(cfg.train.seed + self.dist.rank)
-        self.engine, self.scheduler = build(cfg, self.dist, self.total_steps, self.dtype, self.ds_config)
+        self.engine, self.scheduler = build(cfg, self.dist, self.total_steps, self.dtype, self.ds_config,
+                                            shard=self.shard)
         self.policy = self.engine.module
         if self.base_reference:
             self.online = BaseReference(self.policy.model, zero_stage=cfg.deepspeed.zero_stage,
-                                        attention=cfg.model.attention, impl=cfg.loss.impl)
+                                        attention=cfg.model.attention, impl=cfg.loss.impl, shard=self.shard)
         self.flops_per_token = flops_per_token(self.policy.model, lm_head(self.policy.model).weight)
         if cfg.data.eval_prompts:
             self.generation_eval = GenerationEval(
@@ -157,7 +162,7 @@ class Trainer:
         return ReferenceModel(self.cfg.loss.reference_model or self.cfg.model.path, dtype=self.dtype,
                               dist=self.dist, zero_stage=self.cfg.deepspeed.zero_stage,
                               attention=self.cfg.model.attention, ds_config=self.ds_config,
-                              impl=self.cfg.loss.impl, load_in_4bit=self.cfg.model.load_in_4bit)
+                              impl=self.cfg.loss.impl, load_in_4bit=self.cfg.model.load_in_4bit, shard=self.shard)
 
     def _prepare_reference(self) -> None:
         """Cache mode: build missing caches (reference model loaded only for that), load and check
@@ -185,7 +190,8 @@ class Trainer:
                 path = self.cache_path(split)
                 if not phase.share(path.is_file()):
                     reference = reference or self._reference_model()
-                    build_cache(pairs, reference, key, path, self.dist, self.dtype, self._loader_options(), phase)
+                    build_cache(pairs, reference, key, path, self.dist, self.dtype, self._loader_options(), phase,
+                                data=(self.data_rank, self.data_world))
                 self.ref[split] = load_cache(path, key, pairs)
         del reference
 
@@ -208,14 +214,14 @@ class Trainer:
 
     def _my_rows(self, dealt: list[list[tuple[int, ...]]]):
         """This rank's rows of a step, padded with blank rows to the most any rank has."""
-        mine = dealt[self.dist.rank]
+        mine = dealt[self.data_rank]
         return [mine[k] if k < len(mine) else () for k in range(max(len(rows) for rows in dealt))]
 
     def train_batches(self, start: int) -> Iterator[PackedBatch]:
         """This rank's micro-batches from step `start` to the end, in step order: one loader, which
         reads ahead across steps."""
         rows = (row for step in range(start, self.total_steps)
-                for row in self._my_rows(self.plan.rows(step, self.dist.world)[1]))
+                for row in self._my_rows(self.plan.rows(step, self.data_world)[1]))
         return iter(self.train_pairs.loader(rows, **self._loader_options()))
 
     def _per_pair(self, name: str) -> bool:
@@ -242,8 +248,10 @@ class Trainer:
         return torch.stack(out)
 
     def _summed_over_ranks(self, sums: torch.Tensor, names: list[str], pair_count: int) -> dict:
-        """Sum the metric sums over ranks and divide the means by the pair count: one sync."""
+        """Sum the metric sums over ranks and divide the means by the pair count: one sync. (The
+        ranks of a sequence-parallel group each count their row's pairs and tokens.)"""
         torch.distributed.all_reduce(sums)
+        sums /= self.cfg.train.sequence_parallel_size
         return {n: v / pair_count if self._per_pair(n) else v for n, v in zip(names, sums.tolist())}
 
     def _gradients_finite(self) -> bool:
@@ -284,7 +292,7 @@ class Trainer:
     def train_step(self, step: int, batches: Iterator[PackedBatch]) -> dict:
         """Step `step` on its micro-batches, the next ones of `batches` (`train_batches`) -> its metrics."""
         start = time.perf_counter()
-        pairs, dealt = self.plan.rows(step, self.dist.world)
+        pairs, dealt = self.plan.rows(step, self.data_world)
         pair_count, tokens = len(pairs), self.train_pairs.chosen_tokens(pairs)
         delta = self.policy.reward_shift.value
         sums, rounds, waited = 0, max(len(rows) for rows in dealt), 0.0
@@ -315,7 +323,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         pairs, names = self.eval_pairs, self.metric_names(with_row_tokens=False)
-        rows = self._my_rows(pairs.deal(pairs.data_order_rows(), self.dist.world))
+        rows = self._my_rows(pairs.deal(pairs.data_order_rows(), self.data_world))
         pair_count, tokens = len(pairs.valid), pairs.chosen_tokens(pairs.valid)
         sums = torch.zeros(len(names), dtype=torch.float64, device=self.dist.device)
         self.engine.eval()

@@ -1,0 +1,79 @@
+"""Sequence parallelism (DeepSpeed's Ulysses): one packed row split into contiguous shards over the
+ranks of a group.
+
+Every rank of a sequence-parallel group holds the same packed row, padded to a multiple of the
+group size with a document of its own (nothing is scored on it, nothing attends to it), and runs
+the model on its shard: rank r on the r-th contiguous 1/N of the tokens. Embeddings, MLPs and the
+LM head's log-probs stay on the shard. In each attention layer DeepSpeed's `UlyssesSPAttentionHF`
+trades tokens for heads (an all-to-all): each rank attends over the whole row for 1/N of the heads,
+through `mpo.models.packed_attention` with the whole row's documents and branches, then trades
+back. The per-sequence log-prob sums and token counts are added over the group
+(`mpo.distributed.group_sum`) before
+the loss, so a pair whose response straddles two shards gets exactly its unsplit sums.
+
+Gradients: every rank of the group computes the same loss from the summed sums; `group_sum`'s
+backward hands each rank the gradient of its own part only, so the group's backward covers each
+token once. ZeRO-3 averages gradients over all ranks (data x sequence parallel), and the trainer's
+loss scale (the world size) turns that average back into the sum over the step's rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mpo.data.packing import PackedBatch, with_document
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This rank's part of each packed row: the `rank`-th of `world` contiguous pieces; `group`:
+    the ranks that share the row."""
+
+    rank: int
+    world: int
+    group: object
+
+    def padded(self, batch: PackedBatch, position_rows: int = 1) -> PackedBatch:
+        """The row with a padding document making its length a multiple of `world` (none if it is)."""
+        pad = -batch.num_tokens % self.world
+        if not pad:
+            return batch
+        return with_document(batch, [0] * pad, torch.arange(pad).expand(position_rows, pad))
+
+    def local(self, batch: PackedBatch) -> slice:
+        """This rank's token positions in a `padded` row."""
+        size = batch.num_tokens // self.world
+        return slice(self.rank * size, (self.rank + 1) * size)
+
+
+def enable(model_path: str, size: int, dist_) -> Shard:
+    """Route every attention through Ulysses for groups of `size` consecutive ranks (DeepSpeed's
+    layout: ranks k * size ... (k + 1) * size - 1 share rows) -> this rank's shard. Refused, with
+    the reason, where the heads do not split over the group."""
+    from transformers import AutoConfig
+
+    from mpo.models.packed_attention import register
+
+    if dist_.world % size:
+        raise ValueError(f"train.sequence_parallel_size {size} does not divide the {dist_.world} ranks")
+    text = AutoConfig.from_pretrained(model_path).get_text_config()
+    heads, kv = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    if heads % size or (kv % size and size % kv):
+        raise ValueError(f"train.sequence_parallel_size {size}: {model_path} has {heads} attention heads and {kv} "
+                         "key/value heads; each rank takes 1/N of the heads, so N must divide the heads, and "
+                         "divide the key/value heads or be a multiple of them")
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+    mpu = UlyssesSPAttentionHF.register_with_transformers(
+        model_name_or_path=model_path, core_attn_implementation=register(), sequence_parallel_size=size,
+        micro_batch_size=1, seq_length_is_variable=True)
+    return Shard(dist_.rank % size, size, mpu.get_sequence_parallel_group())
+
+
+def mpu():
+    """DeepSpeed's sequence-parallel state (its `mpu`), for deepspeed.initialize once `enable` ran."""
+    import deepspeed.runtime.sequence_parallel.parallel_state_sp as state
+
+    return state
