@@ -1,6 +1,7 @@
 """Sequence parallelism (train.sequence_parallel_size, DeepSpeed Ulysses) on gloo: each packed row
-split over 2 ranks gives the unsplit row's per-pair sums, losses and gradients; 2 data x 2 sequence
-parallel ranks follow the one-rank run; what cannot work is refused with the reason."""
+split over 2 ranks gives the unsplit row's per-pair sums, losses and gradients (a text model, and
+InternVL and Qwen2.5-VL on the demo's image pairs); 2 data x 2 sequence parallel ranks follow the
+one-rank run; what cannot work is refused with the reason."""
 
 import json
 import subprocess
@@ -15,7 +16,7 @@ from mpo.distributed import Dist
 from mpo.train.config import load_config
 from mpo.train.engine import enable_sequence_parallel
 
-ROW = 128  # tokens per packed row, whatever the number of ranks sharing it
+ROWS = {"llama": 128, "internvl": 512, "qwen2_5_vl": 512}  # tokens per packed row, whatever the ranks sharing it
 
 GRADIENTS = """
 import sys, deepspeed
@@ -47,12 +48,13 @@ def text_pairs(path, n=24):
     return path
 
 
-def sp_config(tmp_path, tiny_models, name, sp, **train):
-    return write_config(tmp_path / f"{name}.yaml", tiny_models["llama"], tmp_path,
-                        data={"train": str(text_pairs(tmp_path / "text.jsonl")), "eval": "",
-                              "index_dir": str(tmp_path / "index")},
-                        train={"max_tokens_per_row": ROW // sp, "sequence_parallel_size": sp, "max_steps": 3,
-                               "global_batch_pairs": 12, **train},
+def sp_config(tmp_path, tiny_models, name, sp, arch="llama", demo_data=None):
+    """The text model on text pairs, or a vision-language model on the demo's image pairs."""
+    data = {"train": str(text_pairs(tmp_path / "text.jsonl")), "eval": ""} if arch == "llama" else {}
+    return write_config(tmp_path / f"{name}.yaml", tiny_models[arch], demo_data or tmp_path,
+                        data={**data, "index_dir": str(tmp_path / "index")},
+                        train={"max_tokens_per_row": ROWS[arch] // sp, "sequence_parallel_size": sp, "max_steps": 3,
+                               "global_batch_pairs": 12},
                         checkpoint={"export_final": False})
 
 
@@ -60,15 +62,15 @@ def rows(run, split="train"):
     return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
 
 
-def straddling(run) -> int:
+def straddling(run, row_tokens) -> int:
     """Pairs of the reference pass whose chosen or rejected response crosses the middle of its row."""
     from mpo.data.dataset import PairDataset
     from mpo.data.packing import PackingOptions
     from mpo.data.records import Rejects
 
     cfg = load_config(run / "config.yaml")
-    pairs = PairDataset.open(cfg.model.path, cfg.data.train, PackingOptions("prefix", ROW, "truncate"), Rejects(),
-                             index_dir=cfg.data.index_dir)
+    pairs = PairDataset.open(cfg.model.path, cfg.data.train, PackingOptions("prefix", row_tokens, "truncate"),
+                             Rejects(), index_dir=cfg.data.index_dir)
     found = 0
     for row in pairs.data_order_rows():
         seq = pairs[row].seq_ids[0]
@@ -78,14 +80,16 @@ def straddling(run) -> int:
 
 
 @pytest.mark.slow
-def test_two_ranks_splitting_each_row_match_one_rank(tmp_path, tiny_models):
+@pytest.mark.parametrize("arch", ["llama", "internvl", "qwen2_5_vl"])
+def test_two_ranks_splitting_each_row_match_one_rank(tmp_path, tiny_models, demo_data, arch):
     """Reference sums (the cache) within 1e-5 of the unsplit rows', with responses straddling the
-    shard boundary; losses and reward shift within 1e-3 step for step; every gradient within 1e-4."""
-    one = sp_config(tmp_path, tiny_models, "one", 1)
-    two = sp_config(tmp_path, tiny_models, "two", 2)
+    shard boundary; losses, reward shift and held-out metrics within 1e-3 step for step; every
+    gradient (the vision tower's too) within 1e-4."""
+    one = sp_config(tmp_path, tiny_models, "one", 1, arch, demo_data)
+    two = sp_config(tmp_path, tiny_models, "two", 2, arch, demo_data)
     mpo("train", one, "--output-dir", tmp_path / "one")
     mpo("train", two, "--output-dir", tmp_path / "two", ranks=2)
-    assert straddling(tmp_path / "two") >= 1
+    assert straddling(tmp_path / "two", ROWS[arch]) >= 1
     a, b = (load_file(str(tmp_path / run / "reference_logps.safetensors")) for run in ("one", "two"))
     for key in ("chosen_logps", "rejected_logps"):
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5)
@@ -94,6 +98,9 @@ def test_two_ranks_splitting_each_row_match_one_rank(tmp_path, tiny_models):
     for x, y in zip(rows(tmp_path / "one"), rows(tmp_path / "two"), strict=True):
         assert x["pairs"] == y["pairs"] and x["row_tokens"] == y["row_tokens"]
         for key in ("loss", "loss/sigmoid", "loss/bco_pair", "loss/sft", "rewards/margins", "reward_shift"):
+            assert y[key] == pytest.approx(x[key], rel=1e-3, abs=1e-6), (x["step"], key)
+    for x, y in zip(rows(tmp_path / "one", "eval"), rows(tmp_path / "two", "eval"), strict=True):
+        for key in ("loss", "rewards/accuracies", "rewards/margins"):
             assert y[key] == pytest.approx(x[key], rel=1e-3, abs=1e-6), (x["step"], key)
     grads, script = {}, tmp_path / "gradients.py"
     script.write_text(GRADIENTS)
@@ -107,15 +114,19 @@ def test_two_ranks_splitting_each_row_match_one_rank(tmp_path, tiny_models):
         assert proc.returncode == 0, proc.stderr[-4000:]
         grads[name] = load_file(str(out))
     assert grads["one"].keys() == grads["two"].keys()
+    # A key projection's bias has no gradient in exact arithmetic (softmax ignores a shift every key
+    # shares): its float32 gradient is rounding noise, held to the model's whole gradient instead.
+    floor = 1e-5 * torch.stack([g.norm() for g in grads["one"].values()]).norm()
     for name, g in grads["one"].items():
-        error = (grads["two"][name] - g).norm() / g.norm().clamp_min(1e-12)
-        assert error <= 1e-4, (name, float(error))
+        error = (grads["two"][name] - g).norm() / torch.maximum(g.norm(), floor)
+        assert error <= 1e-4, (name, float(error), float(g.norm()))
 
 
 @pytest.mark.slow
-def test_two_data_by_two_sequence_parallel_ranks_match_one_rank(tmp_path, tiny_models):
-    mpo("train", sp_config(tmp_path, tiny_models, "one", 1), "--output-dir", tmp_path / "one")
-    mpo("train", sp_config(tmp_path, tiny_models, "four", 2), "--output-dir", tmp_path / "four", ranks=4)
+def test_two_data_by_two_sequence_parallel_ranks_match_one_rank(tmp_path, tiny_models, demo_data):
+    mpo("train", sp_config(tmp_path, tiny_models, "one", 1, "internvl", demo_data), "--output-dir", tmp_path / "one")
+    mpo("train", sp_config(tmp_path, tiny_models, "four", 2, "internvl", demo_data), "--output-dir", tmp_path / "four",
+        ranks=4)
     for x, y in zip(rows(tmp_path / "one"), rows(tmp_path / "four"), strict=True):
         assert x["pairs"] == y["pairs"] and x["row_tokens"] == y["row_tokens"]
         for key in ("loss", "loss/sigmoid", "loss/bco_pair", "loss/sft", "reward_shift"):
@@ -131,9 +142,3 @@ def test_what_cannot_split_is_refused_with_the_reason(tmp_path, tiny_models, ove
     cfg = load_config(config, overrides)
     with pytest.raises(ValueError, match=message):
         enable_sequence_parallel(cfg, Dist(0, 6, 0, torch.device("cpu")))
-
-
-def test_vision_language_models_are_refused_for_now(tmp_path, tiny_models):
-    cfg = load_config(sp_config(tmp_path, tiny_models, "c", 2), [f"model.path={tiny_models['internvl']}"])
-    with pytest.raises(ValueError, match=r"internvl is a vision-language model; sequence parallelism runs text"):
-        enable_sequence_parallel(cfg, Dist(0, 2, 0, torch.device("cpu")))

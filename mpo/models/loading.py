@@ -133,16 +133,21 @@ def scored_hidden_states(model, batch: PackedBatch, *, backend: str = "auto", sh
     if batch.pixel_values is None and family.vision:
         batch = _with_blank_image(family, batch)
     ids, positions, mine = batch.input_ids, batch.position_ids, slice(0, length)  # scored: not a blank image
+    sharding = contextlib.nullcontext()
     if shard is not None:
         batch = shard.padded(batch, family.position_rows)
-        mine = shard.local(batch)
-        ids, positions = batch.input_ids[:, mine], batch.position_ids[..., mine]
+        ids, positions, mine = batch.input_ids, batch.position_ids, shard.local(batch)
+        if family.vision:  # the whole row's embeddings (images in), then the language model on this rank's part
+            sharding = shard.language_model_on_part(family.parts(model)["language"][0], mine)
+        else:
+            ids, positions = ids[:, mine], positions[..., mine]
     kwargs = dict(input_ids=ids, position_ids=positions, use_cache=False, packing=PackingInfo.of(batch, backend))
     if batch.pixel_values is not None:
         kwargs["pixel_values"] = batch.pixel_values.to(model.dtype)
     if batch.image_grid_thw is not None:
         kwargs["image_grid_thw"] = batch.image_grid_thw
-    hidden = backbone(**kwargs).last_hidden_state[0]
+    with sharding:
+        hidden = backbone(**kwargs).last_hidden_state[0]
     return hidden[mine] if shard is None else hidden, batch.labels[0, mine], batch.seq_ids[0, mine]
 
 

@@ -19,6 +19,7 @@ loss scale (the world size) turns that average back into the sum over the step's
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,38 @@ class Shard:
         """This rank's token positions in a `padded` row."""
         size = batch.num_tokens // self.world
         return slice(self.rank * size, (self.rank + 1) * size)
+
+    @contextlib.contextmanager
+    def language_model_on_part(self, language_model: torch.nn.Module, part: slice):
+        """While it lasts, `language_model` runs on the `part` of its inputs: a vision-language
+        model's backbone embeds the whole row (the vision tower on all the row's images: every rank of
+        the group encodes them, and each rank's gradient reaches the features of its own tokens),
+        then hands the language model this rank's part."""
+        def on_part(module, args, kwargs):
+            if kwargs.get("inputs_embeds") is None:
+                raise RuntimeError(f"{type(module).__name__} was called without inputs_embeds: sequence "
+                                   "parallelism cannot find the row's embeddings to split")
+            kwargs["inputs_embeds"] = kwargs["inputs_embeds"][:, part]
+            positions = kwargs.get("position_ids")
+            if positions is not None:
+                positions = positions[..., part]
+                if positions.ndim == 3 and positions.shape[0] == 3:
+                    # M-RoPE: a text row in front (Qwen-VL then hands the attention position ids,
+                    # which Ulysses gathers; the packed attention itself reads none)
+                    positions = torch.cat([positions[:1], positions])
+                kwargs["position_ids"] = positions
+            if kwargs.get("visual_pos_masks") is not None:  # Qwen3-VL's deepstack features, per image token
+                where = kwargs["visual_pos_masks"][0].nonzero()[:, 0]
+                kept = (where >= part.start) & (where < part.stop)
+                kwargs["visual_pos_masks"] = kwargs["visual_pos_masks"][:, part]
+                kwargs["deepstack_visual_embeds"] = [e[kept] for e in kwargs["deepstack_visual_embeds"]]
+            return args, kwargs
+
+        handle = language_model.register_forward_pre_hook(on_part, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
 
 
 def enable(model_path: str, size: int, dist_) -> Shard:

@@ -172,10 +172,6 @@ def enable_sequence_parallel(cfg: Config, dist: Dist) -> Shard:
         raise ValueError(f"train.sequence_parallel_size {size} needs deepspeed.zero_stage 3: the loss scale relies "
                          "on ZeRO-3 averaging gradients over every rank (stages 0-2 average over data ranks only)")
     config = AutoConfig.from_pretrained(cfg.model.path)
-    if family_of(config).vision:
-        raise ValueError(f"train.sequence_parallel_size {size}: {config.model_type} is a vision-language model; "
-                         "sequence parallelism runs text models so far (a shard's image tokens need the image "
-                         "features of the whole row)")
     reference = cfg.loss.reference_model
     if reference and cfg.loss.reference == "online":
         text, other = config.get_text_config(), AutoConfig.from_pretrained(reference).get_text_config()
