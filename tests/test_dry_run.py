@@ -294,3 +294,25 @@ def test_the_index_goes_to_data_index_dir(tmp_path, weightless, demo_data):
     built = index.stat().st_mtime_ns
     assert dry_run(cfg) == first
     assert index.stat().st_mtime_ns == built  # loaded, not built again
+
+
+def test_sequence_parallel_splits_each_row_not_the_plan(tmp_path, weightless, demo_data):
+    """2 data ranks with 512-token rows, or 4 ranks in sequence-parallel pairs with 256 tokens a rank:
+    the same rows; each rank keeps the activations of half the longest row."""
+    whole = dry_run(load_config(write_config(tmp_path / "a.yaml", weightless, demo_data,
+                                             train={"max_tokens_per_row": 512})), ranks=2)
+    split = dry_run(load_config(write_config(tmp_path / "b.yaml", weightless, demo_data,
+                                             train={"max_tokens_per_row": 256, "sequence_parallel_size": 2})),
+                    ranks=4)
+    for key in ("rows", "longest_row_tokens", "micro_batches_per_rank", "steps"):
+        assert split[key] == whole[key], key
+    text = load_config(tmp_path / "a.yaml").model.path
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(text).get_text_config()
+    tokens = whole["longest_row_forward_tokens"]
+    assert whole["activation_bytes_longest_row"] == activation_bytes(config, tokens, checkpointing=False)
+    assert split["activation_bytes_longest_row"] == activation_bytes(config, -(-tokens // 2), checkpointing=False)
+    assert split["sequence_parallel_size"] == 2 and split["ranks"] == 4
+    with pytest.raises(ValueError, match="sequence_parallel_size 2 must divide the ranks"):
+        dry_run(load_config(tmp_path / "b.yaml"), ranks=3)

@@ -54,7 +54,8 @@ def plan(cfg: Config, ranks: int) -> dict:
     from mpo.data.render import ImageOptions
     from mpo.train.data import TrainPlan
 
-    packing = PackingOptions(cfg.data.packing, cfg.train.max_tokens_per_row, cfg.data.overlong)
+    sp = cfg.train.sequence_parallel_size  # ranks sharing each row: rows go to ranks // sp data ranks
+    packing = PackingOptions(cfg.data.packing, cfg.train.max_tokens_per_row * sp, cfg.data.overlong)
     images = ImageOptions(cfg.data.max_patches, cfg.data.min_pixels, cfg.data.max_pixels, cfg.data.max_image_pixels)
     source = DataSource(cfg.data.train, image_root=cfg.data.image_root or None,
                         allow_outside_root=cfg.data.allow_outside_root)
@@ -65,10 +66,10 @@ def plan(cfg: Config, ranks: int) -> dict:
     steps = cfg.train.max_steps or cfg.train.epochs * schedule.steps_per_epoch
     rows, blank, rounds, tokens, step_max, longest, longest_cost = 0, 0, 0, 0, 0, (), 0
     for step in range(steps):
-        chosen, dealt = schedule.rows(step, ranks)
+        chosen, dealt = schedule.rows(step, ranks // sp)
         counts = [len(mine) for mine in dealt]
         rows, rounds = rows + sum(counts), max(rounds, *counts)
-        blank += ranks * max(counts) - sum(counts)  # every rank runs as many micro-batches as the busiest
+        blank += ranks // sp * max(counts) - sum(counts)  # every rank runs as many micro-batches as the busiest
         step_tokens = int(pairs.costs[chosen].sum())
         tokens, step_max = tokens + step_tokens, max(step_max, step_tokens)
         for row in (row for mine in dealt for row in mine):
@@ -291,6 +292,9 @@ def dry_run(cfg: Config, *, ranks: int = 1, gpu_memory_gb: float = 80.0) -> dict
     if isinstance(gpu_memory_gb, bool) or not isinstance(gpu_memory_gb, (int, float)) \
             or not 0 < gpu_memory_gb < float("inf"):
         raise ValueError(f"--gpu-memory: GiB per GPU, a number > 0 expected, got {gpu_memory_gb!r}")
+    sp = cfg.train.sequence_parallel_size
+    if ranks % sp:
+        raise ValueError(f"--ranks {ranks}: train.sequence_parallel_size {sp} must divide the ranks")
     notes = []
     dtype = "bf16" if cfg.model.dtype in ("auto", "fp32") else cfg.model.dtype
     if cfg.model.dtype == "fp32":
@@ -316,10 +320,11 @@ def dry_run(cfg: Config, *, ranks: int = 1, gpu_memory_gb: float = 80.0) -> dict
     if family.vision and not steps["longest_row_tiles"]:
         tokens += len(family.blank_image()[0])  # a row without an image runs the blank one as an extra document
     text = model.config.get_text_config()
-    activations = {ckpt: activation_bytes(text, tokens, checkpointing=ckpt,
+    # sequence parallelism: a rank keeps the activations of its 1/sp of the row (and scores its part)
+    mine, scored = -(-tokens // sp), -(-steps["longest_row_scored_tokens"] // sp)
+    activations = {ckpt: activation_bytes(text, mine, checkpointing=ckpt,
                                           lora_bytes_per_token=model.lora_bytes_per_token) for ckpt in (True, False)}
-    loss = loss_buffer_bytes(tokens, steps["longest_row_scored_tokens"], text.hidden_size, text.vocab_size,
-                             bias=model.head_bias)
+    loss = loss_buffer_bytes(mine, scored, text.hidden_size, text.vocab_size, bias=model.head_bias)
     if cfg.loss.impl == "torch":
         notes.append("loss.impl is torch: the fused loss is forecast on the Triton path (the PyTorch path also "
                      "keeps an fp32 [V, D] LM-head gradient)")
@@ -331,7 +336,8 @@ def dry_run(cfg: Config, *, ranks: int = 1, gpu_memory_gb: float = 80.0) -> dict
         "model": str(cfg.model.path), "family": family.name, "dtype": dtype, **steps,
         "longest_row_forward_tokens": tokens,
         "parameters": model.parameters, "trainable_parameters": model.trainable, "lora_r": cfg.lora.r,
-        "ranks": ranks, "zero_stage": stage, "offload_optimizer": offload_optimizer, "offload_params": offload_params,
+        "ranks": ranks, "sequence_parallel_size": sp, "zero_stage": stage, "offload_optimizer": offload_optimizer,
+        "offload_params": offload_params,
         "gradient_checkpointing": ckpt,
         "model_states_bytes_per_rank": states, "reference_bytes_per_rank": reference,
         "activation_bytes_longest_row": activations[ckpt],
