@@ -155,13 +155,15 @@ def _upward_imports(root: Path) -> list[str]:
         package = module if relative.name == "__init__" else module.rpartition(".")[0]
         unit, layer = _unit(module)
         for line, target, _ in _imported_modules(path, package):
-            found = _unit(target)
-            if found is None or found[0] == unit or found[1] < layer:
+            if _unit(target) is None:
+                continue  # not mpo
+            target_unit, target_layer = _unit(target)
+            if target_unit == unit or target_layer < layer:
                 continue
-            if found[0] == "mpo" and target != "mpo":
+            if target_unit == "mpo" and target != "mpo":
                 continue  # `from mpo import x` names the module mpo.x, checked on its own
             bad.append(f"{path.relative_to(root.parent)}:{line}: {unit} (layer {layer}) imports {target} "
-                       f"(layer {found[1]})")
+                       f"(layer {target_layer})")
     return bad
 
 

@@ -44,10 +44,10 @@ WINDOW = 64  # pairs per first-fit-decreasing window when rows are planned in da
 def blank_row(position_rows: int = 1) -> PackedBatch:
     """A one-token row without pairs: keeps a rank's forward/backward count equal to the others'
     when it has fewer rows this step (ZeRO gathers parameters collectively)."""
-    one = torch.zeros((1, 1), dtype=torch.long)
-    return PackedBatch(input_ids=one, position_ids=as_position_ids(torch.zeros((position_rows, 1), dtype=torch.long)),
+    zero = torch.zeros((1, 1), dtype=torch.long)  # token 0, document 0, the shared branch
+    return PackedBatch(input_ids=zero, position_ids=as_position_ids(torch.zeros((position_rows, 1), dtype=torch.long)),
                        labels=torch.full((1, 1), IGNORE),
-                       seq_ids=torch.full((1, 1), -1), doc_ids=one, branch_ids=one,
+                       seq_ids=torch.full((1, 1), -1), doc_ids=zero, branch_ids=zero,
                        cu_seqlens=torch.tensor([0, 1], dtype=torch.int32), pixel_values=None,
                        pair_index=torch.zeros(0, dtype=torch.long), layout="plain")
 
