@@ -6,8 +6,10 @@ parallelism (train.sequence_parallel_size N: Ulysses over N ranks), on the CPU o
 A random Llama-shaped text model; one prefix-packed row of 16 pairs (about --tokens tokens);
 forward through the packed attention (under Ulysses when N > 1), the fused MPO loss on this rank's
 tokens with the per-sequence sums added over the group, backward. Measured per rank: the bytes
-autograd keeps for backward (every tensor saved in the forward, each storage counted once: the
-activations), the peak RSS of the process, and the wall time of forward + backward. Prints a table
+autograd keeps for backward (every tensor saved in the forward, each storage counted once, the
+weights not: the activations), apart from the [row x row] attention masks the CPU's SDPA keeps (every rank attends
+over the whole row, so they do not shrink with N; the GPU backends, flash-attn and FlexAttention,
+keep none), the peak RSS of the process, and the wall time of forward + backward. Prints a table
 and one JSON line per N.
 """
 
@@ -57,10 +59,16 @@ def worker(a) -> dict:
     loss_fn = MPOLoss(update_shift=False, reward_shift=RewardShift("none"), impl="torch",
                       sequence_group=None if shard is None else shard.group)
     saved: dict[int, int] = {}
+    masks: dict[int, int] = {}
+    padded = batch.num_tokens + (-batch.num_tokens % a.size)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def pack(t):
         storage = t.untyped_storage()
-        saved[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() in weights:
+            return t
+        whole_row = t.dim() >= 2 and tuple(t.shape[-2:]) == (padded, padded)
+        (masks if whole_row else saved)[storage.data_ptr()] = storage.nbytes()
         return t
 
     zeros = torch.zeros(batch.num_pairs)
@@ -69,11 +77,11 @@ def worker(a) -> dict:
         hidden, labels, seq_ids = scored_hidden_states(model, batch, shard=shard)
         head = lm_head(model)
         loss, _ = loss_fn(hidden, head.weight, labels, seq_ids, zeros, zeros, head.bias)
-    activations = sum(saved.values())
+    activations, mask_bytes = sum(saved.values()), sum(masks.values())
     loss.backward()
     seconds = time.perf_counter() - start
     return {"sequence_parallel_size": a.size, "rank": dist.rank, "row_tokens": batch.num_tokens,
-            "rank_tokens": hidden.shape[0], "activation_bytes": activations,
+            "rank_tokens": hidden.shape[0], "activation_bytes": activations, "sdpa_mask_bytes": mask_bytes,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "forward_backward_s": round(seconds, 2), "loss": round(float(loss), 6)}
 
@@ -120,12 +128,12 @@ def main() -> int:
                 sys.stderr.write(proc.stderr[-4000:])
                 return proc.returncode
             results += [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    print(f"{'N':>3} {'rank':>4} {'row tokens':>10} {'rank tokens':>11} {'activations MB':>14} {'peak RSS MB':>11} "
-          f"{'fwd+bwd s':>9}")
+    print(f"{'N':>3} {'rank':>4} {'row tokens':>10} {'rank tokens':>11} {'activations MB':>14} "
+          f"{'SDPA masks MB':>13} {'peak RSS MB':>11} {'fwd+bwd s':>9}")
     for r in sorted(results, key=lambda r: (r["sequence_parallel_size"], r["rank"])):
         print(f"{r['sequence_parallel_size']:>3} {r['rank']:>4} {r['row_tokens']:>10} {r['rank_tokens']:>11} "
-              f"{r['activation_bytes'] / 2**20:>14.1f} {r['peak_rss_bytes'] / 2**20:>11.0f} "
-              f"{r['forward_backward_s']:>9}")
+              f"{r['activation_bytes'] / 2**20:>14.1f} {r['sdpa_mask_bytes'] / 2**20:>13.1f} "
+              f"{r['peak_rss_bytes'] / 2**20:>11.0f} {r['forward_backward_s']:>9}")
     for r in results:
         print(json.dumps(r))
     return 0
