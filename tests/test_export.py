@@ -166,7 +166,7 @@ shard, folder = int(sys.argv[1]), Path(sys.argv[2])
 model = LlamaForCausalLM(LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
                                      num_attention_heads=8, num_key_value_heads=8, vocab_size=2048,
                                      tie_word_embeddings=False))
-engine = SimpleNamespace(module=SimpleNamespace(model=model))
+engine = SimpleNamespace(module=SimpleNamespace(model=model, lora=None))
 for attempt in range(2):  # the first export also imports what it uses
     run = Path(tempfile.mkdtemp(dir=folder))
     before = status("VmRSS")

@@ -84,7 +84,7 @@ def straddling(run, row_tokens) -> int:
 def test_two_ranks_splitting_each_row_match_one_rank(tmp_path, tiny_models, demo_data, arch):
     """Reference sums (the cache) within 1e-5 of the unsplit rows', with responses straddling the
     shard boundary; losses, reward shift and held-out metrics within 1e-3 step for step; every
-    gradient (the vision tower's too) within 1e-4."""
+    gradient (InternVL's vision tower's too) within 1e-4."""
     one = sp_config(tmp_path, tiny_models, "one", 1, arch, demo_data)
     two = sp_config(tmp_path, tiny_models, "two", 2, arch, demo_data)
     mpo("train", one, "--output-dir", tmp_path / "one")
@@ -102,6 +102,8 @@ def test_two_ranks_splitting_each_row_match_one_rank(tmp_path, tiny_models, demo
     for x, y in zip(rows(tmp_path / "one", "eval"), rows(tmp_path / "two", "eval"), strict=True):
         for key in ("loss", "rewards/accuracies", "rewards/margins"):
             assert y[key] == pytest.approx(x[key], rel=1e-3, abs=1e-6), (x["step"], key)
+    if arch == "qwen2_5_vl":
+        return  # its gradients go the way InternVL's do (the same hook; its M-RoPE rows are in the sums above)
     grads, script = {}, tmp_path / "gradients.py"
     script.write_text(GRADIENTS)
     for name, config, ranks in (("one", one, 1), ("two", two, 2)):
