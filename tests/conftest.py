@@ -19,7 +19,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# The slow tier's longest tests (minutes each on 2 cores), started first: with the tier on two
+# workers (`-n 2`), whatever starts last decides when both are done.
+LONGEST = ("test_demo_learns", "test_bench_train_cpu_smoke", "test_real_lm_correctness_pairs_then_train",
+           "test_killed_and_resumed_run_ends_bit_identical[3-4]", "test_two_ranks_splitting_each_row_match_one_rank")
+
+
 def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        return next((k for k, name in enumerate(LONGEST) if item.name.startswith(name)), len(LONGEST))
+
+    items.sort(key=rank)  # stable: the others keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
