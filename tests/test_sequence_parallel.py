@@ -23,7 +23,7 @@ import sys, deepspeed
 from safetensors.torch import save_file
 from mpo.train.config import load_config
 from mpo.train.trainer import Trainer
-t = Trainer(load_config(sys.argv[1]), sys.argv[2])
+t = Trainer(load_config(sys.argv[1], sys.argv[4:]), sys.argv[2])
 pairs, dealt = t.plan.rows(0, t.data_world)
 batches, rounds = t.train_batches(0), max(len(rows) for rows in dealt)
 for k in range(rounds):
@@ -106,13 +106,15 @@ def test_two_ranks_splitting_each_row_match_one_rank(tmp_path, tiny_models, demo
         return  # its gradients go the way InternVL's do (the same hook; its M-RoPE rows are in the sums above)
     grads, script = {}, tmp_path / "gradients.py"
     script.write_text(GRADIENTS)
+    # the runs' pair index and reference cache serve the gradient runs too
+    cache = f"loss.reference_cache={tmp_path / 'one' / 'reference_logps.safetensors'}"
     for name, config, ranks in (("one", one, 1), ("two", two, 2)):
         launch = [sys.executable, str(script)] if ranks == 1 else [
             sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
             str(script)]
         out = tmp_path / f"{name}.grads.safetensors"
-        proc = subprocess.run([*launch, str(config), str(tmp_path / f"g-{name}"), str(out)], capture_output=True,
-                              text=True, env=env(), timeout=600)
+        proc = subprocess.run([*launch, str(config), str(tmp_path / f"g-{name}"), str(out), cache],
+                              capture_output=True, text=True, env=env(), timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
         grads[name] = load_file(str(out))
     assert grads["one"].keys() == grads["two"].keys()
