@@ -199,9 +199,14 @@ class Phase:
     def _watch(self, store) -> None:
         error = f"{self.key}/error"
         while not self._done.wait(self.POLL_S):
-            if not store.check([error]):
-                continue
-            message = store.get(error).decode()
+            try:
+                if not store.check([error]):
+                    continue
+                message = store.get(error).decode()
+            except RuntimeError:
+                # rank 0's process, which serves the store, has ended: after this rank posted its own failure
+                # (its main thread reports it), or killed outright (the launcher ends this process)
+                return
             if message.startswith(f"rank {self.dist.rank}:"):
                 return  # this rank's own failure: it raises in the main thread
             print(f"mpo: {self.name} failed on {message}; stopping rank {self.dist.rank}", file=sys.stderr,

@@ -35,6 +35,16 @@ def free_port():
         return s.getsockname()[1]
 
 
+def on_own(command, ranks):
+    """`command` on `ranks` processes started as a cluster launcher (srun, mpirun) starts them: each on its
+    own, nothing ending the others when one fails; one thread each, as torchrun gives. -> [Popen] by rank."""
+    port = free_port()
+    return [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**env(), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(ranks),
+                                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+            for r in range(ranks)]
+
+
 def launcher(ranks=1):
     return [sys.executable, "-m", "mpo"] if ranks == 1 else [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}", f"--master-port={free_port()}",

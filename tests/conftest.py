@@ -18,6 +18,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The slow tier runs one worker per core: one thread each, for the worker and the processes its tests
+    # start (torchrun already gives each rank one). More threads than cores leave PyTorch's OpenMP threads
+    # waiting on each other.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 # The slow tier's longest tests (minutes each on 2 cores), started first: with the tier on two
 # workers (`-n 2`), whatever starts last decides when both are done.

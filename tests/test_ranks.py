@@ -4,14 +4,12 @@ rank promptly with that rank's message."""
 
 import json
 import re
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from commands import env, write_config
+from commands import on_own, write_config
 from test_index import write_messy_data
 
 from mpo.data.dataset import PairDataset
@@ -27,17 +25,9 @@ DRIVER = Path(__file__).with_name("ranks_driver.py")
 
 
 def on_ranks(*args, timeout=300):
-    """Run the driver on RANKS processes started as a cluster launcher (srun, mpirun) starts them:
-    each on its own, nothing ending the others when one fails.
+    """Run the driver on RANKS processes, each on its own (`on_own`).
     -> ([exit status per rank], [output per rank], the time the last one ended)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, str(DRIVER), *map(str, args)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True,
-                              env={**env(), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(RANKS),
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-             for r in range(RANKS)]
+    procs = on_own([sys.executable, str(DRIVER), *map(str, args)], RANKS)
     outputs = [p.communicate(timeout=timeout)[0] for p in procs]
     return [p.returncode for p in procs], outputs, time.time()
 

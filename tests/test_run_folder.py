@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from commands import env, launcher, mpo, write_config
+from commands import env, launcher, mpo, on_own, write_config
 
 HOLDER = """
 import sys, time
@@ -130,15 +130,8 @@ def test_a_checkpoint_that_cannot_be_written_leaves_no_temporary_folder(tmp_path
 
 
 def each_rank(*args, ranks=2, timeout=300):
-    """`mpo ARGS` on `ranks` processes started as a cluster launcher (srun) starts them: each on its own,
-    nothing ending the others when one fails. -> [(exit status, output)] by rank."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen([*launcher(1), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env={**env(), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(ranks),
-                                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-             for r in range(ranks)]
+    """`mpo ARGS` on `ranks` processes, each on its own (`on_own`). -> [(exit status, output)] by rank."""
+    procs = on_own([*launcher(1), *map(str, args)], ranks)
     return [(p.returncode, out) for p, out in ((p, p.communicate(timeout=timeout)[0]) for p in procs)]
 
 
