@@ -19,6 +19,11 @@ def env():
     return {**e, "PYTHONUNBUFFERED": "1"}
 
 
+def rows(run_dir, split="train"):
+    """A run's metrics.jsonl rows of `split` (train or eval)."""
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
+
+
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

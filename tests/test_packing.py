@@ -1,6 +1,7 @@
 """Packed rows compute exactly each pair's own log-probs: plain and prefix layouts against every
 pair run alone, unpadded, through the stock model (its own attention, its own position ids), on
-tiny InternVL, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen2 and Llama models in fp32, with single-image,
+tiny InternVL, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen2 and Llama models and the two mixtures of
+experts (InternVL on Qwen3-MoE, Qwen3-VL-MoE: routing is per token, so packing changes none) in fp32, with single-image,
 multi-image and text-only pairs (rows of text-only pairs run the vision tower on a blank image).
 The comparison is sharp enough to catch a one-position shift and any attention leak. The over-long
 cut follows its rule at every budget."""
@@ -21,7 +22,7 @@ from mpo.errors import BadPair
 from mpo.families import family_of
 from mpo.models.loading import lm_head, load_model, packed_hidden_states, pair_logps
 
-VISION = ("internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+VISION = ("internvl", "internvl_qwen3_moe", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 TOLERANCE = 1e-5  # relative, fp32 sums
 TOKEN_TOLERANCE = 1e-4  # absolute, nats, fp32 token log-probs
 
@@ -75,7 +76,7 @@ def two_images(p: PreferencePair, folder) -> PreferencePair:
     return dataclasses.replace(p, prompt=prompt, images=(str(extra),) + p.images)
 
 
-@pytest.fixture(scope="module", params=["internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen2", "llama"])
+@pytest.fixture(scope="module", params=[*VISION, "qwen2", "llama"])
 def setup(request, tiny_models, demo_data, tmp_path_factory):
     """(model, rendered pairs, expected sums, rows): for vision models rows of single-image pairs,
     of multi-image and text-only pairs mixed, and of text-only pairs alone; text models: text."""

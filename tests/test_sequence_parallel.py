@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from commands import env, free_port, mpo, write_config
+from commands import env, free_port, mpo, rows, write_config
 from safetensors.torch import load_file
 
 from mpo.distributed import Dist
@@ -56,10 +56,6 @@ def sp_config(tmp_path, tiny_models, name, sp, arch="llama", demo_data=None):
                         train={"max_tokens_per_row": ROWS[arch] // sp, "sequence_parallel_size": sp, "max_steps": 3,
                                "global_batch_pairs": 12},
                         checkpoint={"export_final": False})
-
-
-def rows(run, split="train"):
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
 
 
 def straddling(run, row_tokens) -> int:

@@ -18,15 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from commands import env, free_port, launcher, mpo, write_config
+from commands import env, free_port, launcher, mpo, rows, write_config
 from safetensors.torch import load_file, save_file
 
 # The slow tier, but for one 2-rank ZeRO-3 run and one kill-and-resume, kept in the fast tier.
 SLOW = pytest.mark.slow
-
-
-def rows(run_dir, split="train"):
-    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
 
 
 def mixed_data(tmp_path, demo_data):

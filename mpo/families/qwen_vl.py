@@ -27,7 +27,7 @@ VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vi
 class QwenVL(VisionFamily):
     name = "qwen_vl"
     position_rows = 3
-    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
     @classmethod
     def matches(cls, config) -> bool:

@@ -20,6 +20,7 @@ from mpo.data.packing import PackedBatch, with_document
 from mpo.distributed import group_sum
 from mpo.families import family_of
 from mpo.logprobs import linear_sequence_logps
+from mpo.models.moe import RouterLoad
 from mpo.models.packed_attention import PackingInfo, register
 from mpo.models.quantized import bnb_4bit
 from mpo.models.sequence_parallel import Shard
@@ -122,9 +123,11 @@ def packed_hidden_states(model, batch: PackedBatch, *, backend: str = "auto") ->
     return scored_hidden_states(model, batch, backend=backend)[0]
 
 
-def scored_hidden_states(model, batch: PackedBatch, *, backend: str = "auto", shard: Shard | None = None):
+def scored_hidden_states(model, batch: PackedBatch, *, backend: str = "auto", shard: Shard | None = None,
+                         router_load: RouterLoad | None = None):
     """(hidden states [n, D], labels [n], sequence ids [n]) of the tokens of one packed row this
-    rank scores: all of them, or with `shard` (sequence parallelism) its part of the row."""
+    rank scores: all of them, or with `shard` (sequence parallelism) its part of the row.
+    router_load: records the routers' choices for the row's own tokens (mixtures of experts)."""
     length = batch.num_tokens
     backbone = getattr(model, "model", None)
     if backbone is None:
@@ -142,11 +145,16 @@ def scored_hidden_states(model, batch: PackedBatch, *, backend: str = "auto", sh
         else:
             ids, positions = ids[:, mine], positions[..., mine]
     kwargs = dict(input_ids=ids, position_ids=positions, use_cache=False, packing=PackingInfo.of(batch, backend))
+    if getattr(model.config.get_text_config(), "output_router_logits", False):
+        # `router_load` records what the loss needs; transformers' own record would keep every layer's
+        # logits to the end (and InternVL's output has no field for them)
+        kwargs["output_router_logits"] = False
     if batch.pixel_values is not None:
         kwargs["pixel_values"] = batch.pixel_values.to(model.dtype)
     if batch.image_grid_thw is not None:
         kwargs["image_grid_thw"] = batch.image_grid_thw
-    with sharding:
+    own = length if shard is None else min(max(length - mine.start, 0), mine.stop - mine.start)
+    with sharding, router_load.recording(own) if router_load is not None else contextlib.nullcontext():
         hidden = backbone(**kwargs).last_hidden_state[0]
     return hidden[mine] if shard is None else hidden, batch.labels[0, mine], batch.seq_ids[0, mine]
 

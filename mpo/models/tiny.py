@@ -4,9 +4,12 @@
 - arch "internvl": transformers' InternVLForConditionalGeneration (a Qwen2 language model, an
   InternViT-style vision tower, the pixel-shuffle projector) with 56-px tiles of 14-px patches,
   i.e. 4 image tokens per tile after the 0.5 pixel shuffle, up to 6 tiles + thumbnail per image;
-- arch "qwen2_vl" / "qwen2_5_vl" / "qwen3_vl": transformers' Qwen*VLForConditionalGeneration
+- arch "internvl_qwen3_moe": the same with a Qwen3-MoE language model (InternVL3.5-30B-A3B's shape);
+- arch "qwen2_vl" / "qwen2_5_vl" / "qwen3_vl" / "qwen3_vl_moe": transformers' Qwen*VLForConditionalGeneration
   (M-RoPE language model, the family's vision tower and merger) with the Qwen2-VL image processor
   sized for 1 to 16 image tokens per image (28 or 32-px merged patches);
+The mixtures of experts have 4 experts of which 2 serve each token in every layer; like the released
+models they leave `output_router_logits` off (no load-balancing loss unless loss.router_aux_coef asks).
 - arch "qwen2" / "llama": text-only causal LMs.
 All share one tokenizer made with the `tokenizers` library: byte-level BPE (every byte is a
 token; a handful of merges), InternVL's image tokens (<img>, </img>, <IMG_CONTEXT>) and a ChatML
@@ -23,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-ARCHS = ("internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen2", "llama")
-QWEN_VL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+ARCHS = ("internvl", "internvl_qwen3_moe", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen2", "llama")
+INTERNVL = ("internvl", "internvl_qwen3_moe")
+QWEN_VL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 TILE, PATCH, DOWNSAMPLE, MAX_PATCHES = 56, 14, 0.5, 6
 IMAGE_SEQ_LENGTH = int((TILE // PATCH) ** 2 * DOWNSAMPLE**2)  # tokens per tile
 IMG_START, IMG_END, IMG_CONTEXT, VIDEO = "<img>", "</img>", "<IMG_CONTEXT>", "<video>"
@@ -34,11 +38,14 @@ QWEN_VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|
 MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("e", "r"), ("Ġ", "s"), ("o", "n")]
 TEXT = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0)
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=1,
+           norm_topk_prob=True, router_aux_loss_coef=0.001)
 # M-RoPE: mrope_section splits head_dim / 2 = 8 frequency pairs over (t, h, w)
 QWEN_TEXT = {"qwen2_vl": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 2, 2])),
              "qwen2_5_vl": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 2, 2])),
              "qwen3_vl": dict(head_dim=16, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
                                                                 mrope_section=[4, 2, 2], mrope_interleaved=True))}
+QWEN_TEXT["qwen3_vl_moe"] = {**QWEN_TEXT["qwen3_vl"], **MOE}
 QWEN_VISION = {
     "qwen2_vl": dict(depth=1, embed_dim=32, hidden_size=TEXT["hidden_size"], num_heads=2, mlp_ratio=2, patch_size=14),
     "qwen2_5_vl": dict(depth=2, hidden_size=32, out_hidden_size=TEXT["hidden_size"], intermediate_size=64,
@@ -46,6 +53,7 @@ QWEN_VISION = {
     "qwen3_vl": dict(depth=2, hidden_size=32, out_hidden_size=TEXT["hidden_size"], intermediate_size=64,
                      num_heads=2, patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[0]),
 }
+QWEN_VISION["qwen3_vl_moe"] = QWEN_VISION["qwen3_vl"]
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
               image_size=TILE, patch_size=PATCH, attention_bias=True, use_mean_pooling=True)
 CHAT_TEMPLATE = (
@@ -116,8 +124,11 @@ def build_config(arch: str, tokenizer):
                                       vision_config=QWEN_VISION[arch], tie_word_embeddings=True, **tokens)
         config.architectures = [type(config).__name__.replace("Config", "ForConditionalGeneration")]
         return config
+    text = dict(model_type="qwen2")
+    if arch == "internvl_qwen3_moe":
+        text = dict(model_type="qwen3_moe", head_dim=16, **MOE)
     config = InternVLConfig(
-        text_config=dict(model_type="qwen2", **TEXT, **ids), vision_config=VISION,
+        text_config=dict(**text, **TEXT, **ids), vision_config=VISION,
         image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT), image_seq_length=IMAGE_SEQ_LENGTH,
         downsample_ratio=DOWNSAMPLE, projector_hidden_act="gelu", vision_feature_layer=-1,
         vision_feature_select_strategy="default", tie_word_embeddings=True)
@@ -155,8 +166,8 @@ def _qwen_processor_config(arch: str) -> dict:
              "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
              "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
              "do_convert_rgb": True, "resample": 3}
-    names = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3VL"}
-    video = {**image, "video_processor_type": f"{'Qwen3VL' if arch == 'qwen3_vl' else 'Qwen2VL'}VideoProcessor"}
+    names = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3VL", "qwen3_vl_moe": "Qwen3VL"}
+    video = {**image, "video_processor_type": f"{'Qwen2VL' if names[arch] != 'Qwen3VL' else 'Qwen3VL'}VideoProcessor"}
     del video["image_processor_type"]
     return {"image_processor": image, "video_processor": video, "processor_class": f"{names[arch]}Processor"}
 
@@ -172,12 +183,12 @@ def build_tiny_model(out_dir: str | Path, arch: str = "internvl", *, seed: int =
     tokenizer = build_tokenizer(arch)
     config = build_config(arch, tokenizer)
     torch.manual_seed(seed)
-    vision = arch == "internvl" or arch in QWEN_VL
+    vision = arch in INTERNVL or arch in QWEN_VL
     model = (AutoModelForImageTextToText if vision else AutoModelForCausalLM).from_config(config)
     model.to(torch.float32).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     processor = None
-    if arch == "internvl":
+    if arch in INTERNVL:
         image_processor = _image_processor()
         image_processor.save_pretrained(out_dir)
         processor = _processor_config(image_processor)

@@ -89,6 +89,8 @@ class LossConfig:
     reference_cache: str = opt("", "reference cache file; empty = <output_dir>/reference_logps.safetensors")
     impl: str = opt("auto", "fused LM-head path: auto (Triton on CUDA), triton or torch",
                     choices=("auto", "triton", "torch"))
+    router_aux_coef: float | None = opt(None, "weight of a mixture of experts' load-balancing loss; None = the "
+                                              "model config's when it sets output_router_logits, else 0", low=0.0)
 
 
 @dataclass

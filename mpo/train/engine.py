@@ -21,6 +21,7 @@ from mpo.models import sequence_parallel
 from mpo.models.fused_head import PolicyWithLoss
 from mpo.models.loading import DTYPES, load_model, logit_softcap
 from mpo.models.lora import add_lora
+from mpo.models.moe import leaf_blocks, router_aux_coef
 from mpo.models.sequence_parallel import Shard
 from mpo.mpo_loss import MPOLoss
 from mpo.train.config import Config
@@ -206,7 +207,10 @@ def build(cfg: Config, dist: Dist, total_steps: int, dtype: torch.dtype, ds_conf
                         label_smoothing=cfg.loss.label_smoothing, sft_normalization=cfg.loss.sft_normalization,
                         softcap=logit_softcap(model), impl=cfg.loss.impl,
                         sequence_group=None if shard is None else shard.group)
-    policy = PolicyWithLoss(model, criterion, zero3=zero3, attention=cfg.model.attention, lora=lora, shard=shard)
+    if zero3:
+        leaf_blocks(model)
+    policy = PolicyWithLoss(model, criterion, zero3=zero3, attention=cfg.model.attention, lora=lora, shard=shard,
+                            router_aux_coef=router_aux_coef(model, cfg.loss.router_aux_coef))
 
     roles, lrs = role_lrs(model, cfg)
     optimizer = torch.optim.AdamW(param_groups(policy, cfg.optim.weight_decay, roles, lrs), lr=cfg.optim.lr,

@@ -3,7 +3,9 @@
 Every logged row is one JSON object in <run>/metrics.jsonl with `step`, `split` ("train" or
 "eval") and the metric names (TRL's: loss, loss/<type>, rewards/chosen, rewards/rejected,
 rewards/accuracies, rewards/margins, logps/chosen, logps/rejected; plus reward_shift, lr, pairs,
-pairs/s, tokens/s/gpu, mfu, peak_memory_gb, skipped_steps). `logging.report_to` adds TensorBoard
+pairs/s, tokens/s/gpu, mfu, peak_memory_gb, skipped_steps; a mixture of experts trained with its
+load-balancing loss adds loss/router_aux and router/idle_experts, the share of (layer, expert) pairs
+no token of a row chose, both pair-weighted means over rows). `logging.report_to` adds TensorBoard
 (when installed) and W&B, which get the same names under `<split>/` at the same step (train and
 eval rows share steps). Only rank 0 writes.
 
@@ -26,6 +28,7 @@ import torch
 
 from mpo.atomic import write_text_atomic
 from mpo.families import family_of
+from mpo.models.moe import active_shares
 
 # Dense bf16 peak FLOP/s by GPU name, first match wins (none known on CPUs: no MFU there).
 PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12),
@@ -43,15 +46,17 @@ def flops_per_token(model: torch.nn.Module, head: torch.nn.Parameter) -> int:
     """Training FLOPs per row token counted for MFU: the language model's matmuls, 6 per trainable
     parameter (forward, input and weight gradients) and 4 per frozen one (no weight gradient), the
     LM head included, the input embeddings (a lookup), the vision tower, the projector and attention
-    scores not: a lower bound."""
+    scores not: a lower bound. A mixture of experts counts the experts a token is routed to (its
+    active parameters), not all of them."""
     parts = family_of(model.config).parts(model)
     skip = {id(p) for m in parts["vision"] + parts["projector"] for p in m.parameters()}
     skip.add(id(model.get_input_embeddings().weight))
-    total = 0
+    shares = active_shares(model)
+    total = 0.0
     for p in model.parameters():  # a tied LM head is listed once, as the embeddings
         if p is head or id(p) not in skip:
-            total += (6 if p.requires_grad else 4) * getattr(p, "ds_numel", p.numel())
-    return total
+            total += (6 if p.requires_grad else 4) * getattr(p, "ds_numel", p.numel()) * shares.get(id(p), 1.0)
+    return round(total)
 
 
 def peak_memory_gb(device: torch.device) -> float:

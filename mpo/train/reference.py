@@ -31,6 +31,7 @@ from mpo.data.index import tree_digest
 from mpo.distributed import Dist, Phase
 from mpo.models.loading import load_model, pair_logps
 from mpo.models.lora import adapters_disabled
+from mpo.models.moe import leaf_blocks
 from mpo.models.reference_pass import run_pass, save_pair_logps
 from mpo.models.sequence_parallel import Shard
 from mpo.train.config import Config
@@ -60,6 +61,7 @@ class ReferenceModel:
             del keep_alive
             for p in model.parameters():
                 p.requires_grad_(False)
+            leaf_blocks(model)
             self.model = deepspeed.initialize(model=model, config=config)[0].module
         else:
             self.model = load_model(path, dtype=dtype, device=dist.device, load_in_4bit=load_in_4bit)

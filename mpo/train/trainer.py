@@ -38,6 +38,7 @@ from mpo.data.render import ImageOptions
 from mpo.distributed import Dist, Phase, barrier, init
 from mpo.families import family_of
 from mpo.models.loading import lm_head
+from mpo.models.moe import parameter_counts
 from mpo.models.quantized import require_4bit
 from mpo.train import checkpoint, export
 from mpo.train.config import Config, dump, saved_in_current_keys
@@ -229,7 +230,7 @@ class Trainer:
         token-normalised SFT term is already normalised by the step's global chosen-token count,
         so it adds up as it is."""
         token_sft = name == "loss/sft" and self.cfg.loss.sft_normalization == "token"
-        return name in MEANS or (name.startswith("loss/") and not token_sft)
+        return name in MEANS or name.startswith("router/") or (name.startswith("loss/") and not token_sft)
 
     def _metric_sums(self, names: list[str], loss, metrics: dict, batch, scale: float) -> torch.Tensor:
         """One micro-batch's contribution to the step's metrics, kept on the device (no sync)."""
@@ -264,7 +265,8 @@ class Trainer:
 
     def metric_names(self, *, with_row_tokens: bool = True) -> list[str]:
         """The metrics summed per micro-batch; row_tokens (for the rates) only in training."""
-        return ["loss", *(f"loss/{t}" for t in self.cfg.loss.types), *MEANS, *["row_tokens"] * with_row_tokens]
+        aux = ["loss/router_aux", "router/idle_experts"] * bool(self.policy.router_aux_coef)
+        return ["loss", *(f"loss/{t}" for t in self.cfg.loss.types), *aux, *MEANS, *["row_tokens"] * with_row_tokens]
 
     def forward_backward(self, batch, *, pair_count: int, chosen_tokens: int, last: bool) -> torch.Tensor:
         """One micro-batch: its share of the step's loss, backward; -> its metric sums (on the device).
@@ -356,9 +358,8 @@ class Trainer:
     def startup_summary(self) -> str:
         """One line on what this run trains, with what, at which learning rates."""
         cfg, model = self.cfg, self.policy.model
-        numel = lambda p: getattr(p, "ds_numel", p.numel())
-        trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
-        total = sum(numel(p) for p in model.parameters())
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+        total, active = parameter_counts(model)
         lrs = role_lrs(model, cfg)[1]
         family = family_of(model.config)
         rates = ", ".join(f"{role} {lrs[role]:g}" for role in (("language", "vision", "projector") if family.vision
@@ -366,7 +367,8 @@ class Trainer:
         return (f"mpo train: {cfg.model.path} ({family.name}, {str(self.dtype).removeprefix('torch.')}, "
                 f"ZeRO-{cfg.deepspeed.zero_stage}, {self.dist.world} rank{'s' * (self.dist.world > 1)}); "
                 f"{len(self.train_pairs.valid)} pairs, {self.total_steps} steps of {cfg.train.global_batch_pairs}; "
-                f"peak lr {rates}; {trainable / 1e6:.3g}M of {total / 1e6:.3g}M parameters trained")
+                f"peak lr {rates}; {trainable / 1e6:.3g}M of {total / 1e6:.3g}M parameters trained"
+                + (f" ({active / 1e6:.3g}M active per token)" if active < total else ""))
 
     def run(self) -> dict:
         cfg, dist = self.cfg, self.dist
