@@ -16,15 +16,15 @@ from mpo.data.packing import SHARED, PackedBatch
 from mpo.data.records import PreferencePair
 from mpo.data.render import Renderer
 from mpo.errors import BadPair
-from mpo.families import Family, InternVL, QwenVL, family_of
+from mpo.families import Family, Gemma3, InternVL, QwenVL, family_of
 from mpo.models.loading import load_model, packed_hidden_states
 from mpo.models.tiny import MAX_PATCHES
 from mpo.train.config import load_config
 from mpo.train.engine import freeze
 from mpo.train.metrics import flops_per_token
 
-EXPECTED = {"internvl": InternVL, "qwen2_vl": QwenVL, "qwen2_5_vl": QwenVL, "qwen3_vl": QwenVL, "qwen2": Family,
-            "llama": Family}
+EXPECTED = {"internvl": InternVL, "qwen2_vl": QwenVL, "qwen2_5_vl": QwenVL, "qwen3_vl": QwenVL, "gemma3": Gemma3,
+            "qwen2": Family, "llama": Family}
 
 
 @pytest.mark.parametrize("arch", sorted(EXPECTED))
@@ -37,7 +37,7 @@ def test_an_unsupported_vision_language_model_is_named():
         family_of(LlavaConfig())
 
 
-@pytest.mark.parametrize("arch", ["internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llama"])
+@pytest.mark.parametrize("arch", ["internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "llama"])
 def test_module_roles_partition_the_model_and_drive_freezing_and_flops(tiny_models, arch):
     model = load_model(tiny_models[arch])
     family = family_of(model.config)
@@ -65,7 +65,7 @@ def test_module_roles_partition_the_model_and_drive_freezing_and_flops(tiny_mode
         assert flops_per_token(fresh, fresh.get_output_embeddings().weight) == 6 * sum(p.numel() for p in language)
 
 
-VISION = ["internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+VISION = ["internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3"]
 
 
 def reference_processor(model_dir, monkeypatch):
@@ -142,7 +142,7 @@ def test_text_only_prompts_on_vision_models_are_the_processors(tiny_models, monk
     assert renderer.render(pair).prompt_ids == renderer.render(pair, pixels=False).prompt_ids == want
 
 
-@pytest.mark.parametrize("arch", ["internvl", "qwen2_5_vl"])
+@pytest.mark.parametrize("arch", ["internvl", "qwen2_5_vl", "gemma3"])
 def test_placeholders_unlike_the_images_in_number_reject_the_pair(tiny_models, arch):
     images = Renderer(tiny_models[arch]).images
     pictures = random_images(2)
@@ -160,7 +160,7 @@ def test_text_positions_are_plain_in_every_mrope_row(tiny_models, arch):
     assert torch.equal(positions, torch.arange(35).expand(3, -1))
 
 
-@pytest.mark.parametrize("arch", ["internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("arch", ["internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3"])
 def test_a_text_only_row_runs_the_vision_tower_on_the_blank_image(tiny_models, arch):
     """The blank image is an extra document: the row's own hidden states equal the text model's
     output without it, and the vision tower's parameters receive gradients."""

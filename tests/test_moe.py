@@ -1,4 +1,4 @@
-"""Mixtures of experts (tiny InternVL with a Qwen3-MoE language model, tiny Qwen3-VL-MoE): routers and
+"""Mixtures of experts (tiny InternVL with a Qwen3-MoE or a GPT-OSS language model, tiny Qwen3-VL-MoE): routers and
 sparse blocks found from transformers' own records, the blocks made ZeRO-3 leaves, active parameters
 counted from the configs, the load-balancing loss against transformers' `load_balancing_loss_func`
 (value and gradients, over the row's own tokens), LoRA leaving experts and routers alone, and on ranks:
@@ -24,7 +24,7 @@ from mpo.models.lora import add_lora
 from mpo.mpo_loss import MPOLoss
 from mpo.train.metrics import flops_per_token
 
-MOE = ("internvl_qwen3_moe", "qwen3_vl_moe")
+MOE = ("internvl_qwen3_moe", "internvl_gpt_oss", "qwen3_vl_moe")
 SLOW = pytest.mark.slow
 
 
@@ -32,9 +32,17 @@ def text_config(path):
     return AutoConfig.from_pretrained(path).get_text_config()
 
 
+def experts(text) -> int:
+    return getattr(text, "num_experts", None) or text.num_local_experts
+
+
 def expert_weights(text) -> int:
-    """Parameters in all experts of all layers: a gate/up [2I, D] and a down [D, I] matrix each."""
-    return text.num_hidden_layers * text.num_experts * 3 * text.hidden_size * text.moe_intermediate_size
+    """Parameters in all experts of all layers: a gate/up [2I, D] and a down [D, I] matrix each;
+    GPT-OSS's experts have biases too [2I], [D], and I is its intermediate_size."""
+    if text.model_type == "gpt_oss":
+        size = text.intermediate_size
+        return text.num_hidden_layers * experts(text) * (3 * text.hidden_size * size + 2 * size + text.hidden_size)
+    return text.num_hidden_layers * experts(text) * 3 * text.hidden_size * text.moe_intermediate_size
 
 
 @pytest.mark.parametrize("arch", [*MOE, "internvl", "qwen3_vl"])
@@ -50,6 +58,7 @@ def test_routers_and_blocks_come_from_transformers_records(tiny_models, arch):
     assert len(found) == text.num_hidden_layers
     classes = moe.leaf_blocks(model)
     assert [c.__name__ for c in classes] == [{"internvl_qwen3_moe": "Qwen3MoeSparseMoeBlock",
+                                              "internvl_gpt_oss": "GptOssMLP",
                                               "qwen3_vl_moe": "Qwen3VLMoeTextSparseMoeBlock"}[arch]]
     blocks = [m for m in model.modules() if isinstance(m, tuple(classes))]
     assert len(blocks) == text.num_hidden_layers and all(z3_leaf_module(b) for b in blocks)
@@ -61,7 +70,7 @@ def test_active_parameters_and_flops_count_the_chosen_experts(tiny_models, arch)
     model = load_model(tiny_models[arch])
     text = text_config(tiny_models[arch])
     total = sum(p.numel() for p in model.parameters())
-    idle = expert_weights(text) * (1 - text.num_experts_per_tok / text.num_experts)
+    idle = expert_weights(text) * (1 - text.num_experts_per_tok / experts(text))
     assert moe.parameter_counts(model) == (total, round(total - idle))
     head = lm_head(model).weight
     language = family_of(model.config).parts(model)["language"][0]
@@ -88,7 +97,7 @@ def test_load_balancing_loss_is_transformers_over_the_rows_own_tokens(tiny_model
     from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
     model = load_model(tiny_models[arch])
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation("eager")
     language = family_of(model.config).parts(model)["language"][0]
     g = torch.Generator().manual_seed(random_seed)
     length = int(torch.randint(5, 60, (), generator=g))
@@ -153,18 +162,18 @@ def test_lora_adapts_attention_and_leaves_experts_and_routers_frozen(tiny_models
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_" in n for n in trainable)
     assert any("self_attn.q_proj" in n for n in trainable)
-    assert not [n for n in trainable if ".experts" in n or ".mlp.gate." in n], trainable
+    assert not [n for n in trainable if ".experts" in n or ".mlp.gate." in n or ".mlp.router." in n], trainable
     shares = moe.active_shares(model)
     assert shares and not any(p.requires_grad for p in model.parameters() if id(p) in shares)
 
 
-def with_experts(src, out, experts: int, top_k: int):
-    """A copy of tiny model `src` with `experts` experts per layer, `top_k` per token (random weights)."""
+def with_experts(src, out, count: int, top_k: int):
+    """A copy of tiny model `src` (Qwen3-MoE) with `count` experts per layer, `top_k` per token (random weights)."""
     from mpo.families import family_of as family
 
     config = AutoConfig.from_pretrained(src)
     text = config.get_text_config()
-    text.num_experts, text.num_experts_per_tok = experts, top_k
+    text.num_experts, text.num_experts_per_tok = count, top_k
     torch.manual_seed(0)
     family(config).auto_class().from_config(config).save_pretrained(out)
     for f in src.iterdir():  # tokenizer and processor files

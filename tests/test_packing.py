@@ -1,7 +1,9 @@
 """Packed rows compute exactly each pair's own log-probs: plain and prefix layouts against every
 pair run alone, unpadded, through the stock model (its own attention, its own position ids), on
-tiny InternVL, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen2 and Llama models and the two mixtures of
-experts (InternVL on Qwen3-MoE, Qwen3-VL-MoE: routing is per token, so packing changes none) in fp32, with single-image,
+tiny InternVL, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3 (a sliding window shorter than the pairs, images
+attended both ways), Qwen2 and Llama models and the two mixtures of experts (InternVL on Qwen3-MoE,
+Qwen3-VL-MoE: routing is per token, so packing changes none; InternVL on GPT-OSS: attention sinks and a
+sliding window too) in fp32, with single-image,
 multi-image and text-only pairs (rows of text-only pairs run the vision tower on a blank image).
 The comparison is sharp enough to catch a one-position shift and any attention leak. The over-long
 cut follows its rule at every budget."""
@@ -22,21 +24,22 @@ from mpo.errors import BadPair
 from mpo.families import family_of
 from mpo.models.loading import lm_head, load_model, packed_hidden_states, pair_logps
 
-VISION = ("internvl", "internvl_qwen3_moe", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+VISION = ("internvl", "internvl_qwen3_moe", "internvl_gpt_oss", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
+          "gemma3")
 TOLERANCE = 1e-5  # relative, fp32 sums
 TOKEN_TOLERANCE = 1e-4  # absolute, nats, fp32 token log-probs
 
 
 def alone(model, pair, response_ids) -> torch.Tensor:
     """The response's token log-probs (float64) for [prompt | response] run by itself, stock
-    attention and the model's own position ids (Qwen-VL: its get_rope_index, from mm_token_type_ids)."""
+    attention and the model's own position ids and masks from what the family hands `generate`
+    (Qwen-VL: get_rope_index from mm_token_type_ids; Gemma 3: bidirectional images from token_type_ids)."""
     ids = torch.tensor([pair.prompt_ids + response_ids[:-1]])
-    kwargs = dict(input_ids=ids, use_cache=False)
+    kwargs = dict(input_ids=ids, use_cache=False, **family_of(model.config).generation_inputs(ids))
     if pair.pixel_values is not None:
         kwargs["pixel_values"] = pair.pixel_values
     if pair.image_grid_thw is not None:
         kwargs["image_grid_thw"] = pair.image_grid_thw
-        kwargs["mm_token_type_ids"] = (ids == model.config.image_token_id).int()
     logits = model(**kwargs).logits[0].double()
     P = len(pair.prompt_ids)
     scored = logits[P - 1:].log_softmax(-1)
@@ -56,6 +59,10 @@ def sharpened(path, out):
         if "language_model" in name or "vision" not in name:
             if name.endswith(("q_proj.weight", "k_proj.weight")):
                 param.data = torch.randn(param.shape, generator=g) * 0.5
+            if name.endswith("self_attn.sinks"):  # GPT-OSS: large enough to take much of each softmax
+                param.data = torch.randn(param.shape, generator=g) * 2
+            if "gemma" in model.config.model_type and name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.data.fill_(3.0)  # Gemma normalises q and k: their scale is (1 + this weight)
     model.save_pretrained(out)
     for f in path.iterdir():  # tokenizer and processor files
         if f.suffix in (".json", ".jinja") and f.name not in ("config.json", "generation_config.json"):
@@ -93,7 +100,7 @@ def setup(request, tiny_models, demo_data, tmp_path_factory):
         pairs = [text_only(p) for p in pairs]
         groups = [range(5), range(5, len(pairs))]
     rendered = [renderer.render(p, i) for i, p in enumerate(pairs)]
-    stock = stock_cls.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    stock = stock_cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
         expected = [(alone(stock, p, p.chosen_ids), alone(stock, p, p.rejected_ids)) for p in rendered]
     return load_model(path).eval(), rendered, expected, [[rendered[i] for i in g] for g in groups], stock

@@ -142,3 +142,9 @@ def test_what_cannot_split_is_refused_with_the_reason(tmp_path, tiny_models, ove
     cfg = load_config(config, overrides)
     with pytest.raises(ValueError, match=message):
         enable_sequence_parallel(cfg, Dist(0, 6, 0, torch.device("cpu")))
+
+
+def test_attention_sinks_are_refused_with_the_reason(tmp_path, tiny_models):
+    cfg = load_config(sp_config(tmp_path, tiny_models, "c", 2), [f"model.path={tiny_models['internvl_gpt_oss']}"])
+    with pytest.raises(ValueError, match=r"has attention sinks \(GPT-OSS\), one per head"):
+        enable_sequence_parallel(cfg, Dist(0, 2, 0, torch.device("cpu")))

@@ -9,10 +9,11 @@ blank image) listed in FAMILIES, and its tiny model in `mpo.models.tiny` for the
 from __future__ import annotations
 
 from mpo.families.base import Family, ImageTokens
+from mpo.families.gemma3 import Gemma3
 from mpo.families.internvl import InternVL
 from mpo.families.qwen_vl import QwenVL
 
-FAMILIES = (InternVL, QwenVL)
+FAMILIES = (InternVL, QwenVL, Gemma3)
 
 
 def family_of(config) -> Family:
@@ -25,4 +26,4 @@ def family_of(config) -> Family:
     return Family(config)
 
 
-__all__ = ["FAMILIES", "Family", "ImageTokens", "family_of"]
+__all__ = ["FAMILIES", "Family", "Gemma3", "ImageTokens", "InternVL", "QwenVL", "family_of"]

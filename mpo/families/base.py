@@ -28,6 +28,7 @@ class Family:
     name = "text"
     vision = False
     position_rows = 1  # rows of position ids per token (M-RoPE: 3)
+    bidirectional_image_token: int | None = None  # an image's tokens attend to each other both ways (Gemma 3)
 
     def __init__(self, config):
         self.config = config

@@ -144,7 +144,8 @@ def scored_hidden_states(model, batch: PackedBatch, *, backend: str = "auto", sh
             sharding = shard.language_model_on_part(family.parts(model)["language"][0], mine)
         else:
             ids, positions = ids[:, mine], positions[..., mine]
-    kwargs = dict(input_ids=ids, position_ids=positions, use_cache=False, packing=PackingInfo.of(batch, backend))
+    packing = PackingInfo.of(batch, backend, family.bidirectional_image_token)
+    kwargs = dict(input_ids=ids, position_ids=positions, use_cache=False, packing=packing)
     if getattr(model.config.get_text_config(), "output_router_logits", False):
         # `router_load` records what the loss needs; transformers' own record would keep every layer's
         # logits to the end (and InternVL's output has no field for them)

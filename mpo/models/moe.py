@@ -69,7 +69,8 @@ def leaf_blocks(model) -> list[type]:
 def active_shares(model) -> dict[int, float]:
     """Parameter id -> the share of it one token uses, for expert weights (top_k / experts); the
     rest (attention, routers, shared experts, dense layers) serve every token and are not listed.
-    Experts are either 3-D tensors [experts, ...] (transformers 5) or a list of one module each."""
+    Experts are either 3-D tensors [experts, ...] (transformers 5; with GPT-OSS's biases [experts, n])
+    or a list of one module each."""
     shares = {}
     for block, router in _blocks(model):
         experts, top_k = int(router.num_experts), int(router.top_k)
@@ -79,10 +80,10 @@ def active_shares(model) -> dict[int, float]:
             if isinstance(child, torch.nn.ModuleList) and len(child) == experts:
                 shares.update({id(p): top_k / experts for p in child.parameters()})
                 continue
-            for p in child.parameters():
-                shape = getattr(p, "ds_shape", p.shape)
-                if len(shape) == 3 and shape[0] == experts:
-                    shares[id(p)] = top_k / experts
+            params = [(p, getattr(p, "ds_shape", p.shape)) for p in child.parameters()]
+            if any(len(shape) == 3 and shape[0] == experts for _, shape in params):  # an experts module
+                # its weights [experts, ...] and their biases [experts, n] (GPT-OSS)
+                shares.update({id(p): top_k / experts for p, shape in params if shape[0] == experts})
     return shares
 
 

@@ -5,16 +5,21 @@
   InternViT-style vision tower, the pixel-shuffle projector) with 56-px tiles of 14-px patches,
   i.e. 4 image tokens per tile after the 0.5 pixel shuffle, up to 6 tiles + thumbnail per image;
 - arch "internvl_qwen3_moe": the same with a Qwen3-MoE language model (InternVL3.5-30B-A3B's shape);
+- arch "internvl_gpt_oss": the same with a GPT-OSS language model (InternVL3.5-GPT-OSS-20B-A4B's
+  shape: attention sinks, a 24-token sliding-window layer then a global one);
 - arch "qwen2_vl" / "qwen2_5_vl" / "qwen3_vl" / "qwen3_vl_moe": transformers' Qwen*VLForConditionalGeneration
   (M-RoPE language model, the family's vision tower and merger) with the Qwen2-VL image processor
   sized for 1 to 16 image tokens per image (28 or 32-px merged patches);
+- arch "gemma3": transformers' Gemma3ForConditionalGeneration (a SigLIP tower on 56-px images pooled
+  to 4 tokens; a sliding-window layer of 24 tokens, shorter than most pairs, then a global one);
+- arch "qwen2" / "llama": text-only causal LMs.
 The mixtures of experts have 4 experts of which 2 serve each token in every layer; like the released
 models they leave `output_router_logits` off (no load-balancing loss unless loss.router_aux_coef asks).
-- arch "qwen2" / "llama": text-only causal LMs.
 All share one tokenizer made with the `tokenizers` library: byte-level BPE (every byte is a
 token; a handful of merges), InternVL's image tokens (<img>, </img>, <IMG_CONTEXT>) and a ChatML
 chat template; the Qwen-VL ones add Qwen's vision tokens and render an image as
-<|vision_start|><|image_pad|><|vision_end|> as Qwen's template does. processor_config.json is
+<|vision_start|><|image_pad|><|vision_end|> as Qwen's template does, the Gemma 3 one Gemma's image
+tokens (<start_of_image>, <end_of_image>, <image_soft_token>). processor_config.json is
 written by hand because the processors cannot be instantiated without torchvision, while
 AutoProcessor reads that file wherever torchvision exists.
 """
@@ -26,20 +31,30 @@ from pathlib import Path
 
 import torch
 
-ARCHS = ("internvl", "internvl_qwen3_moe", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen2", "llama")
-INTERNVL = ("internvl", "internvl_qwen3_moe")
+ARCHS = ("internvl", "internvl_qwen3_moe", "internvl_gpt_oss", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
+         "gemma3", "qwen2", "llama")
+INTERNVL = ("internvl", "internvl_qwen3_moe", "internvl_gpt_oss")
 QWEN_VL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 TILE, PATCH, DOWNSAMPLE, MAX_PATCHES = 56, 14, 0.5, 6
 IMAGE_SEQ_LENGTH = int((TILE // PATCH) ** 2 * DOWNSAMPLE**2)  # tokens per tile
 IMG_START, IMG_END, IMG_CONTEXT, VIDEO = "<img>", "</img>", "<IMG_CONTEXT>", "<video>"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMG_START, IMG_END, IMG_CONTEXT, VIDEO]
 QWEN_VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+GEMMA_IMAGE_TOKENS = ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+GEMMA_TEXT = dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=24,
+                  layer_types=["sliding_attention", "full_attention"])
+GEMMA_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                    image_size=TILE, patch_size=PATCH)
+GEMMA_TOKENS_PER_IMAGE = 4  # the 4 x 4 patches average-pooled to 2 x 2
 # Frequent pairs in English text and in the demo's reasoning; the rest stays byte-level.
 MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("e", "r"), ("Ġ", "s"), ("o", "n")]
 TEXT = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0)
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=1,
            norm_topk_prob=True, router_aux_loss_coef=0.001)
+# GPT-OSS: intermediate_size is an expert's; the load-balancing coefficient is the released model's
+GPT_OSS = dict(model_type="gpt_oss", head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=24,
+               layer_types=["sliding_attention", "full_attention"], router_aux_loss_coef=0.9)
 # M-RoPE: mrope_section splits head_dim / 2 = 8 frequency pairs over (t, h, w)
 QWEN_TEXT = {"qwen2_vl": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 2, 2])),
              "qwen2_5_vl": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 2, 2])),
@@ -73,7 +88,8 @@ SPLIT_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}
                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 
-IMAGE_MARKUP = {"internvl": "<IMG_CONTEXT>\n", "qwen_vl": "<|vision_start|><|image_pad|><|vision_end|>"}
+IMAGE_MARKUP = {"internvl": "<IMG_CONTEXT>\n", "qwen_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+                "gemma3": "<start_of_image>"}
 
 
 def build_tokenizer(arch: str = "internvl"):
@@ -91,7 +107,7 @@ def build_tokenizer(arch: str = "internvl"):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    special = SPECIAL_TOKENS + (QWEN_VISION_TOKENS if qwen else [])
+    special = SPECIAL_TOKENS + (QWEN_VISION_TOKENS if qwen else []) + (GEMMA_IMAGE_TOKENS if arch == "gemma3" else [])
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in special])
     # read by the processors (tokenizer.start_image_token, tokenizer.image_token, ...)
     named = {"start_image_token": IMG_START, "end_image_token": IMG_END, "context_image_token": IMG_CONTEXT,
@@ -99,7 +115,11 @@ def build_tokenizer(arch: str = "internvl"):
     if qwen:
         named = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                  "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"}
-    template = CHAT_TEMPLATE.replace("IMAGE", IMAGE_MARKUP["qwen_vl" if qwen else "internvl"].replace("\n", "\\n"))
+    if arch == "gemma3":
+        named = {"boi_token": GEMMA_IMAGE_TOKENS[0], "eoi_token": GEMMA_IMAGE_TOKENS[1],
+                 "image_token": GEMMA_IMAGE_TOKENS[2]}
+    markup = IMAGE_MARKUP["qwen_vl" if qwen else arch if arch == "gemma3" else "internvl"]
+    template = CHAT_TEMPLATE.replace("IMAGE", markup.replace("\n", "\\n"))
     return TokenizersBackend(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
         bos_token=None, chat_template=template, extra_special_tokens=named,
@@ -124,11 +144,21 @@ def build_config(arch: str, tokenizer):
                                       vision_config=QWEN_VISION[arch], tie_word_embeddings=True, **tokens)
         config.architectures = [type(config).__name__.replace("Config", "ForConditionalGeneration")]
         return config
+    if arch == "gemma3":
+        image = {f"{k}_token_index": tokenizer.convert_tokens_to_ids(t) for k, t in
+                 zip(("boi", "eoi", "image"), GEMMA_IMAGE_TOKENS)}
+        config = AutoConfig.for_model("gemma3", text_config=dict(**TEXT, **ids, **GEMMA_TEXT),
+                                      vision_config=dict(model_type="siglip_vision_model", **GEMMA_VISION),
+                                      mm_tokens_per_image=GEMMA_TOKENS_PER_IMAGE, tie_word_embeddings=True, **image)
+        config.architectures = ["Gemma3ForConditionalGeneration"]
+        return config
     text = dict(model_type="qwen2")
     if arch == "internvl_qwen3_moe":
         text = dict(model_type="qwen3_moe", head_dim=16, **MOE)
+    if arch == "internvl_gpt_oss":
+        text = dict(GPT_OSS, intermediate_size=MOE["moe_intermediate_size"])
     config = InternVLConfig(
-        text_config=dict(**text, **TEXT, **ids), vision_config=VISION,
+        text_config={**TEXT, **ids, **text}, vision_config=VISION,
         image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT), image_seq_length=IMAGE_SEQ_LENGTH,
         downsample_ratio=DOWNSAMPLE, projector_hidden_act="gelu", vision_feature_layer=-1,
         vision_feature_select_strategy="default", tie_word_embeddings=True)
@@ -172,6 +202,15 @@ def _qwen_processor_config(arch: str) -> dict:
     return {"image_processor": image, "video_processor": video, "processor_class": f"{names[arch]}Processor"}
 
 
+def _gemma3_processor_config() -> dict:
+    """Gemma3ImageProcessor at the tower's 56 px, pan-and-scan off, in the processor's nested form."""
+    image = {"image_processor_type": "Gemma3ImageProcessor", "size": {"height": TILE, "width": TILE},
+             "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_resize": True, "do_rescale": True,
+             "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True, "resample": 2,
+             "do_pan_and_scan": False}
+    return {"image_processor": image, "image_seq_length": GEMMA_TOKENS_PER_IMAGE, "processor_class": "Gemma3Processor"}
+
+
 def build_tiny_model(out_dir: str | Path, arch: str = "internvl", *, seed: int = 0) -> Path:
     """Write a tiny random-init model folder (weights, config, tokenizer, processor files)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
@@ -183,8 +222,10 @@ def build_tiny_model(out_dir: str | Path, arch: str = "internvl", *, seed: int =
     tokenizer = build_tokenizer(arch)
     config = build_config(arch, tokenizer)
     torch.manual_seed(seed)
-    vision = arch in INTERNVL or arch in QWEN_VL
+    vision = arch in INTERNVL or arch in QWEN_VL or arch == "gemma3"
     model = (AutoModelForImageTextToText if vision else AutoModelForCausalLM).from_config(config)
+    if arch == "gemma3":  # transformers starts the projector at zero (images invisible until trained)
+        torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.1)
     model.to(torch.float32).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     processor = None
@@ -194,6 +235,9 @@ def build_tiny_model(out_dir: str | Path, arch: str = "internvl", *, seed: int =
         processor = _processor_config(image_processor)
     elif arch in QWEN_VL:
         processor = _qwen_processor_config(arch)
+        (out_dir / "preprocessor_config.json").write_text(json.dumps(processor["image_processor"], indent=2) + "\n")
+    elif arch == "gemma3":
+        processor = _gemma3_processor_config()
         (out_dir / "preprocessor_config.json").write_text(json.dumps(processor["image_processor"], indent=2) + "\n")
     if processor is not None:
         (out_dir / "processor_config.json").write_text(json.dumps(processor, indent=2, sort_keys=True) + "\n")
