@@ -1,4 +1,6 @@
-"""`mpo eval`: exact scores on scripted responses, images on the tiny InternVL, resumption after a kill."""
+"""`mpo eval`: exact scores on scripted responses, images on the tiny InternVL, resumption after a kill;
+the sampler on every vision family, loaded for `mpo eval` / `mpo pairs` or switched from the trainer's
+packed attention."""
 
 import json
 
@@ -127,3 +129,23 @@ def test_resumes_after_a_kill_and_refuses_other_settings(tmp_path, tiny_models, 
     assert "holds results made with other settings (temperature differ)" in capsys.readouterr().err
     assert main([*map(str, args[:-1]), "0", "--out", str(tmp_path / "greedy")]) == 1
     assert "--samples 2 with greedy decoding" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "internvl_gpt_oss", "internvl_qwen3_moe", "qwen3_vl_moe"])
+def test_every_family_samples_the_same_loaded_or_switched_from_training(tiny_models, demo_data, arch):
+    """Greedy answers to image and text-only questions from the model as `mpo eval` loads it equal those
+    of the trainer's model (packed attention) switched to standard attention for training-time answers."""
+    from mpo.generation.sampler import Request, Sampler
+    from mpo.models.loading import load_model
+    from mpo.train.generation_eval import standard_attention
+
+    image = str(next((demo_data / "images").rglob("*.png")))
+    requests = [Request("a", ({"role": "user", "content": "<image>\nHow many?"},), (image,)),
+                Request("b", ({"role": "user", "content": "What is 2 + 3?"},), ())]
+    loaded = Sampler.load(tiny_models[arch], device=torch.device("cpu"), max_new_tokens=5)
+    first = loaded.generate(requests, temperature=0.0)
+    model = load_model(tiny_models[arch]).eval()
+    with standard_attention(model):
+        again = Sampler(model, loaded.renderer, device=torch.device("cpu"), dtype=torch.float32,
+                        max_new_tokens=5).generate(requests, temperature=0.0)
+    assert [c.text for c in first] == [c.text for c in again] and all(c.text for c in first)

@@ -226,7 +226,7 @@ def test_correctness_build_with_images_writes_mmpr_the_trainer_reads(tmp_path, d
               settings={"samples": 8}, progress=False)
 
 
-@pytest.mark.parametrize("arch", ["internvl", "qwen2_vl"])
+@pytest.mark.parametrize("arch", ["internvl", "qwen2_vl", "gemma3", "internvl_gpt_oss"])
 def test_an_unreadable_image_is_counted_not_fatal(tmp_path, tiny_models, arch):
     from PIL import Image
 

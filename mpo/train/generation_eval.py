@@ -96,8 +96,11 @@ class GenerationEval:
 
 @contextmanager
 def standard_attention(model):
-    """Generation runs the model's ordinary batched, cached forward: packed attention needs packed rows."""
-    model.set_attn_implementation(family_of(model.config).attention("sdpa"))
+    """Generation runs the model's ordinary batched, cached forward: packed attention needs packed rows.
+    SDPA where the language model has it, else its eager attention (GPT-OSS: sinks)."""
+    family = family_of(model.config)
+    language = family.parts(model)["language"][0]
+    model.set_attn_implementation(family.attention("sdpa" if language._supports_sdpa else "eager"))
     try:
         yield
     finally:
