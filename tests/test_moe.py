@@ -220,3 +220,21 @@ def test_four_ranks_with_experts_idle_on_some_rank_match_one_rank(tmp_path, tiny
     four = rows(tmp_path / "four")
     assert all(r["router/idle_experts"] > 0 for r in four), [r["router/idle_experts"] for r in four]
     compare(rows(tmp_path / "one"), four, ("loss", "loss/sigmoid", "loss/sft", "loss/router_aux"))
+
+
+@SLOW
+def test_sequence_parallel_ranks_sum_the_load_balancing_counts(tmp_path, tiny_models, demo_data):
+    """Each row split over 2 ranks (Ulysses): the load-balancing loss of the whole row, so the losses
+    of one rank with the same rows, step for step."""
+    runs = {}
+    for name, sp in (("one", 1), ("split", 2)):
+        config = write_config(tmp_path / f"{name}.yaml", tiny_models["internvl_qwen3_moe"], demo_data,
+                              data={"index_dir": str(tmp_path / "index")}, loss={"router_aux_coef": 0.01},
+                              train={"max_tokens_per_row": 512 // sp, "sequence_parallel_size": sp, "max_steps": 3},
+                              checkpoint={"export_final": False})
+        mpo("train", config, "--output-dir", tmp_path / name, ranks=sp, timeout=600)
+        runs[name] = rows(tmp_path / name)
+    for a, b in zip(runs["one"], runs["split"], strict=True):
+        assert a["row_tokens"] == b["row_tokens"]
+        for key in ("loss", "loss/sigmoid", "loss/sft", "loss/router_aux", "router/idle_experts"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-6), (a["step"], key)
