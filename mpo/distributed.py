@@ -121,17 +121,20 @@ class Phase:
 
     POLL_S = 0.2
     ACK_WAIT_S = 30.0
+    JOIN_S = 30.0  # a store call answers or fails well within this
 
     def __init__(self, dist_: Dist, name: str):
         global _phases
         _phases += 1
         self.dist, self.name, self.key = dist_, name, f"mpo/phase/{_phases}"
         self.store = _store() if dist_.world > 1 else None
-        self._points, self._done = 0, threading.Event()
+        self._points, self._done, self._watcher = 0, threading.Event(), None
 
     def __enter__(self) -> Phase:
         if self.store is not None:
-            threading.Thread(target=self._watch, args=(self.store.clone(),), daemon=True).start()
+            self._watcher = threading.Thread(target=self._watch, args=(self.store.clone(),), daemon=True,
+                                             name=f"mpo phase watcher {self.key}")
+            self._watcher.start()
         return self
 
     def __exit__(self, kind, error, tb) -> bool:
@@ -144,6 +147,11 @@ class Phase:
                 self._post(error)
         finally:
             self._done.set()
+            if self._watcher is not None:
+                # Joined, not left running: a daemon thread still inside a store call (C++) when the
+                # interpreter exits is unwound through code that cannot be, and the process aborts
+                # ("terminate called without an active exception", exit status 134).
+                self._watcher.join(self.JOIN_S)
         return False
 
     @property

@@ -95,3 +95,16 @@ def demo_data(tmp_path_factory):
     from mpo.data.demo import write_demo_data
 
     return write_demo_data(tmp_path_factory.mktemp("demo") / "data", train=27, heldout=9)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A gloo process group of this process alone (synced generate, ZeRO-3 partitioning at load)."""
+    import torch.distributed as dist
+
+    mine = not dist.is_initialized()
+    if mine:
+        dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    yield
+    if mine:
+        dist.destroy_process_group()

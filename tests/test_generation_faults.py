@@ -5,23 +5,11 @@ import json
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from mpo.errors import BadPair
 from mpo.generation.sampler import Completion, Request, Sampler
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture
-def one_rank_group(tmp_path):
-    """generate(synced_gpus=True) all-reduces a finished flag every step: it needs a process group."""
-    mine = not dist.is_initialized()
-    if mine:
-        dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
-    yield
-    if mine:
-        dist.destroy_process_group()
 
 
 def counted(sampler: Sampler) -> dict:

@@ -167,6 +167,23 @@ def test_lora_adapts_attention_and_leaves_experts_and_routers_frozen(tiny_models
     assert shares and not any(p.requires_grad for p in model.parameters() if id(p) in shares)
 
 
+@pytest.mark.parametrize("arch", MOE)
+def test_zero3_loads_the_experts_save_pretrained_wrote(tiny_models, one_rank_group, monkeypatch, arch):
+    """Partitioned while loading (ZeRO-3), every weight equals a plain load's: Qwen3-VL-MoE's experts
+    are not transposed a second time (transformers checks their layout against the partitioned shape)."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    monkeypatch.setenv("LOCAL_RANK", "0")  # DeepSpeed's partitioning reads it
+    plain = load_model(tiny_models[arch])
+    partitioning = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
+    model = load_model(tiny_models[arch])
+    del partitioning
+    for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+        with deepspeed.zero.GatheredParameters([p]):
+            assert torch.equal(p, q), name
+
+
 def with_experts(src, out, count: int, top_k: int):
     """A copy of tiny model `src` (Qwen3-MoE) with `count` experts per layer, `top_k` per token (random weights)."""
     from mpo.families import family_of as family

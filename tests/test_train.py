@@ -87,6 +87,7 @@ def test_two_ranks_match_one_rank_under_zero3(tmp_path, tiny_models, demo_data, 
         for key in ("loss", "loss/sigmoid", "loss/bco_pair", "loss/sft", "rewards/margins"):
             assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-6), (a["step"], key)
         assert a["reward_shift"] == pytest.approx(b["reward_shift"], rel=1e-3, abs=1e-7)
+        assert "data_wait_s/max" not in a and b["data_wait_s"] <= b["data_wait_s/max"] <= b["step_s"]
     evals = rows(tmp_path / "one", "eval"), rows(tmp_path / "two", "eval")
     assert evals[0][-1]["loss"] == pytest.approx(evals[1][-1]["loss"], rel=1e-3)
 

@@ -50,9 +50,39 @@ def load_model(model_dir: str | Path, *, dtype: torch.dtype = torch.float32, dev
         model = cls.from_pretrained(model_dir, dtype=dtype, quantization_config=bnb_4bit(cls, config, dtype),
                                     device_map={"": torch.device(device)})
     else:
-        model = cls.from_pretrained(model_dir, dtype=dtype).to(device)
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        with _zero3_layout_checks() if is_deepspeed_zero3_enabled() else contextlib.nullcontext():
+            model = cls.from_pretrained(model_dir, dtype=dtype).to(device)
     enable_packed_attention(model)
     return model
+
+
+@contextlib.contextmanager
+def _zero3_layout_checks():
+    """Loading under ZeRO-3, transformers' `Transpose(check_dims=True)` conversion (Qwen3-VL-MoE's
+    experts: the released layout is transposed, the layout transformers saves is not) compares the
+    checkpoint tensor with the parameter's shape, which ZeRO-3 has already partitioned to [0]: it
+    then transposes every tensor, and a folder save_pretrained wrote (a run's final/) fails to load.
+    While loading, the check reads the parameter's whole shape (DeepSpeed's `ds_shape`)."""
+    from transformers.core_model_loading import Transpose
+
+    original = Transpose.convert
+
+    def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+        if self.check_dims and "model" in kwargs and "full_layer_name" in kwargs:
+            shape = getattr(kwargs["model"].get_parameter(kwargs["full_layer_name"]), "ds_shape", None)
+            tensors = next(iter(input_dict.values()))
+            tensor = tensors[0] if isinstance(tensors, list) else tensors
+            if shape is not None and tuple(shape) == tuple(tensor.shape):
+                return {self.get_target_pattern(input_dict, source_patterns, target_patterns): tensor}
+        return original(self, input_dict, source_patterns, target_patterns, **kwargs)
+
+    Transpose.convert = convert
+    try:
+        yield
+    finally:
+        Transpose.convert = original
 
 
 def model_family(model):

@@ -133,7 +133,8 @@ class MetricsLog:
         if self.wandb is not None:
             self.wandb.log({f"{split}/{k}": v for k, v in metrics.items()}, step=step)
         if self.bar is not None and split == "train":
-            wait = metrics.get("data_wait_s", 0.0) / max(metrics.get("step_s", 1.0), 1e-9)
+            waited = metrics.get("data_wait_s/max", metrics.get("data_wait_s", 0.0))  # the slowest rank's
+            wait = waited / max(metrics.get("step_s", 1.0), 1e-9)
             self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
                                  acc=f"{metrics.get('rewards/accuracies', float('nan')):.2f}",
                                  data_wait=f"{100 * wait:.0f}%", refresh=False)

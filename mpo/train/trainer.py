@@ -307,8 +307,12 @@ class Trainer:
                                                 last=k == rounds - 1)
         lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler moves on in step())
         applied = self.optimizer_step()
-        return self._step_metrics(self._summed_over_ranks(sums, self.metric_names(), pair_count),
-                                  seconds=time.perf_counter() - start, waited=waited, reward_shift=delta, lr=lr,
+        out = self._summed_over_ranks(sums, self.metric_names(), pair_count)
+        if self.dist.world > 1:  # one slow reader holds every rank back at the step's collectives
+            longest = torch.tensor([waited], dtype=torch.float64, device=self.dist.device)
+            torch.distributed.all_reduce(longest, op=torch.distributed.ReduceOp.MAX)
+            out["data_wait_s/max"] = longest.item()
+        return self._step_metrics(out, seconds=time.perf_counter() - start, waited=waited, reward_shift=delta, lr=lr,
                                   pairs=pair_count, applied=applied)
 
     def _step_metrics(self, out: dict, *, seconds: float, waited: float, reward_shift: float, lr: float, pairs: int,
