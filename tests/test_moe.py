@@ -1,8 +1,9 @@
-"""Mixtures of experts (tiny InternVL with a Qwen3-MoE or a GPT-OSS language model, tiny Qwen3-VL-MoE): routers and
-sparse blocks found from transformers' own records, the blocks made ZeRO-3 leaves, active parameters
-counted from the configs, the load-balancing loss against transformers' `load_balancing_loss_func`
-(value and gradients, over the row's own tokens), LoRA leaving experts and routers alone, and on ranks:
-1 = 2 = 4 ranks under ZeRO-3 with experts no token of a rank chose, ending within the time limit."""
+"""Mixtures of experts (tiny InternVL with a Qwen3-MoE or a GPT-OSS language model, tiny Qwen3-VL-MoE):
+routers and sparse blocks found from transformers' own records, the blocks made ZeRO-3 leaves, the
+experts loaded under ZeRO-3 as save_pretrained wrote them, active parameters counted from the configs,
+the load-balancing loss against transformers' `load_balancing_loss_func` (value and gradients, over the
+row's own tokens), LoRA leaving experts and routers alone, and on ranks: 1 = 2 = 4 ranks under ZeRO-3
+with experts no token of a rank chose, ending within the time limit, and a row split over 2 ranks."""
 
 import dataclasses
 import json
