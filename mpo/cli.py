@@ -564,3 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, ImportError) as e:  # OSError: a folder not writable, a full disk (names the path)
         print(f"mpo {args.command}: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        from mpo import distributed
+
+        distributed.close()
