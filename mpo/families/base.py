@@ -81,6 +81,13 @@ class VisionFamily(Family):
     def attention(self, name: str):
         return {"text_config": name, "vision_config": "sdpa"}
 
+    def parts(self, model):
+        """transformers' usual layout (InternVL, Gemma 3): model.model.{vision_tower,
+        multi_modal_projector, language_model} and the head."""
+        inner = model.model
+        return {"vision": [inner.vision_tower], "projector": [inner.multi_modal_projector],
+                "language": [inner.language_model, model.lm_head]}
+
 
 class ImageTokens:
     """A prompt text with `image_token` once per image + the images -> (input ids, pixel values, grid)."""

@@ -29,11 +29,6 @@ class Gemma3(VisionFamily):
     def matches(cls, config) -> bool:
         return config.model_type == "gemma3"
 
-    def parts(self, model):
-        inner = model.model
-        return {"vision": [inner.vision_tower], "projector": [inner.multi_modal_projector],
-                "language": [inner.language_model, model.lm_head]}
-
     def image_tokens(self, model_dir, tokenizer, options):
         return Gemma3Images(model_dir, tokenizer, self.config, options)
 

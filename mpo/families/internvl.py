@@ -25,11 +25,6 @@ class InternVL(VisionFamily):
     def matches(cls, config) -> bool:
         return config.model_type == "internvl"
 
-    def parts(self, model):
-        inner = model.model
-        return {"vision": [inner.vision_tower], "projector": [inner.multi_modal_projector],
-                "language": [inner.language_model, model.lm_head]}
-
     def image_tokens(self, model_dir, tokenizer, options):
         return InternVLImages(model_dir, tokenizer, self.config, options)
 
