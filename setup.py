@@ -86,6 +86,6 @@ setup(
         # Other fused implementations measured against in bench/ (they need CUDA to run).
         "bench": ["trl", "liger-kernel", "cut-cross-entropy"],
     },
-    entry_points={"console_scripts": ["mpo = mpo.cli:main"]},
+    entry_points={"console_scripts": ["mpo = mpo.cli:run"]},
     license="Apache-2.0",
 )

@@ -1,3 +1,3 @@
-from mpo.cli import main
+from mpo.cli import run
 
-raise SystemExit(main())
+run()

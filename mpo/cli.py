@@ -4,10 +4,12 @@ handlers are thin: the work lives in the library."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
 import sys
+import traceback
 from pathlib import Path
 
 from mpo.models.tiny import ARCHS
@@ -568,3 +570,33 @@ def main(argv: list[str] | None = None) -> int:
         from mpo import distributed
 
         distributed.close()
+
+
+def run() -> None:
+    """The `mpo` command (the console script and `python -m mpo`): `main()`, the exit handlers, then the
+    process ends without the interpreter's teardown.
+
+    The teardown frees what module state still holds: torch.distributed.nn's default arguments keep the
+    world group when imported after it started, DeepSpeed's module state its groups and, under ZeRO-3,
+    the model. Their gloo or NCCL threads, reaching for an interpreter half torn down, then abort the
+    process ("terminate called without an active exception", exit status 134) after a run that
+    succeeded, now and then. Nothing needs the teardown: `main` closes its files and ends the process
+    group, and the exit handlers (logging, W&B, worker processes, file locks) run here as at any exit."""
+    try:
+        status = main()
+    except SystemExit as e:  # argparse's --help and usage errors
+        status = e.code
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        status = 130
+    except BaseException:
+        traceback.print_exc()
+        status = 1
+    if not isinstance(status, int):  # SystemExit(None) succeeds; SystemExit("message") fails with it
+        if status is not None:
+            print(status, file=sys.stderr)
+        status = 0 if status is None else 1
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
