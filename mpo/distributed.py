@@ -104,6 +104,36 @@ def group_sum(x: torch.Tensor, group) -> torch.Tensor:
     return _GroupSum.apply(x, group)
 
 
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, keep, group):
+        sizes = [x.new_zeros(1, dtype=torch.long) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(sizes, torch.tensor([keep], device=x.device), group=group)
+        counts = [int(n) for n in sizes]
+        width = max(counts)
+        padded = x.new_zeros((width, *x.shape[1:]))
+        padded[:keep] = x[:keep]
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+        ctx.group, ctx.rows, ctx.first, ctx.keep = group, x.shape[0], sum(counts[:dist.get_rank(group)]), keep
+        return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)  # every rank's gradient for every row, summed
+        mine = grad.new_zeros((ctx.rows, *grad.shape[1:]))
+        mine[:ctx.keep] = grad[ctx.first:ctx.first + ctx.keep]
+        return mine, None, None
+
+
+def gather_rows(x: torch.Tensor, keep: int, group) -> torch.Tensor:
+    """The first `keep` rows of each rank's `x` (any number per rank), one after another in rank order,
+    on every rank of `group`; differentiable: each rank's rows get the group's summed gradient for them
+    (the rows past `keep` a gradient of zero, so whatever made them still runs its backward)."""
+    return _GatherRows.apply(x, keep, group)
+
+
 # --- phases: long stretches of work that fail together ---------------------------------------------------------
 
 _phases = 0  # phases entered by this process; every rank enters the same phases in the same order

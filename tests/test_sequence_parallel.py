@@ -6,6 +6,7 @@ one-rank run; what cannot work is refused with the reason."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,6 +121,20 @@ def test_two_ranks_splitting_each_row_match_one_rank(tmp_path, tiny_models, demo
     for name, g in grads["one"].items():
         error = (grads["two"][name] - g).norm() / torch.maximum(g.norm(), floor)
         assert error <= 1e-4, (name, float(error), float(g.norm()))
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_the_ranks_of_a_group_share_the_rows_images(tiny_models, ranks):
+    """Each rank encodes its share of the row's images (1 image: the other ranks none; 3 and 4 over 2 or
+    3 ranks: uneven shares), and the gathered features and every gradient equal one process's, for each
+    vision family (Qwen3-VL's deepstack features included)."""
+    archs = ("internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl_moe", "gemma3")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
+                           f"--master-port={free_port()}", str(Path(__file__).with_name("images_shared_ranks.py")),
+                           *(str(tiny_models[a]) for a in archs)], capture_output=True, text=True, env=env(),
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    assert proc.stdout.count("ok ") == 3 * len(archs), proc.stdout
 
 
 @pytest.mark.slow

@@ -88,6 +88,20 @@ class VisionFamily(Family):
         return {"vision": [inner.vision_tower], "projector": [inner.multi_modal_projector],
                 "language": [inner.language_model, model.lm_head]}
 
+    # the image encoder's output fields the model reads (sequence parallelism gathers these)
+    encoder_outputs: tuple[str, ...] = ("last_hidden_state", "hidden_states")
+
+    def image_encoder(self, model) -> torch.nn.Module:
+        """The module that turns a row's pixels into features, image by image (tile by tile): under
+        sequence parallelism each rank of a group runs it on its share of the row's images."""
+        return model.model.vision_tower
+
+    def encoder_images(self, args: tuple, kwargs: dict):
+        """The image encoder's call -> (each image's input rows, `take(first, stop)`: the same call on
+        images first..stop-1 alone, as (args, kwargs)). Here a tile or image per row of pixel_values."""
+        pixels = kwargs["pixel_values"]
+        return [1] * len(pixels), lambda first, stop: (args, {**kwargs, "pixel_values": pixels[first:stop]})
+
 
 class ImageTokens:
     """A prompt text with `image_token` once per image + the images -> (input ids, pixel values, grid)."""

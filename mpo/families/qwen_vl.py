@@ -16,6 +16,7 @@ method belongs to the base model, built for it once per family as a skeleton on 
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 
@@ -39,6 +40,22 @@ class QwenVL(VisionFamily):
         return {"vision": [m for n, m in children.items() if "merger" not in n],
                 "projector": [m for n, m in children.items() if "merger" in n],
                 "language": [model.model.language_model, model.lm_head]}
+
+    encoder_outputs = ("pooler_output", "deepstack_features")  # merged features (and Qwen3-VL's deepstack)
+
+    def image_encoder(self, model):
+        return model.model.visual  # the merger included: its output is the features
+
+    def encoder_images(self, args, kwargs):
+        # pixel_values: every image's patches one after another, grid_thw: each image's (t, h, w) patches
+        pixels, grid = args[0], kwargs["grid_thw"]
+        rows = grid.prod(-1).tolist()
+        starts = [0, *itertools.accumulate(rows)]
+
+        def take(first, stop):
+            return (pixels[starts[first]:starts[stop]], *args[1:]), {**kwargs, "grid_thw": grid[first:stop]}
+
+        return rows, take
 
     def image_tokens(self, model_dir, tokenizer, options):
         return QwenVLImages(model_dir, tokenizer, self.config, options)

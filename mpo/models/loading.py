@@ -171,7 +171,7 @@ def scored_hidden_states(model, batch: PackedBatch, *, backend: str = "auto", sh
         batch = shard.padded(batch, family.position_rows)
         ids, positions, mine = batch.input_ids, batch.position_ids, shard.local(batch)
         if family.vision:  # the whole row's embeddings (images in), then the language model on this rank's part
-            sharding = shard.language_model_on_part(family.parts(model)["language"][0], mine)
+            sharding = shard.vision_language_on_part(family, model, mine)
         else:
             ids, positions = ids[:, mine], positions[..., mine]
     packing = PackingInfo.of(batch, backend, family.bidirectional_image_token)

@@ -15,7 +15,8 @@ an fp32 config is forecast as bf16 and the report says so):
 - activations of the longest row (`activation_bytes`), from the language model's config;
 - the fused LM head's buffers for that row (`loss_buffer_bytes`), on the Triton path.
 Not counted: the vision tower's activations (none when it is frozen; a trained tower keeps its own,
-per vision token, layer and image tile, fewer with gradient checkpointing), DeepSpeed's
+per vision token, layer and image tile, fewer with gradient checkpointing; under sequence parallelism
+those of the rank's share of the row's images), DeepSpeed's
 communication buckets beyond the largest layer, the CUDA context and allocator fragmentation:
 leave a few GB under --gpu-memory.
 """
