@@ -1,4 +1,5 @@
-"""bench/bench_loss.py --cpu runs end to end: table, long-format CSV, forward ops checked."""
+"""The benches run end to end: bench_loss.py --cpu (table, long-format CSV, forward ops checked),
+bench_train.py --cpu, bench_sp_images.py."""
 
 import csv
 import subprocess
@@ -40,3 +41,15 @@ def test_bench_train_cpu_smoke(tmp_path):
     (row,) = csv.DictReader(out.open())
     assert row["impl"] == "mpo" and row["preset"] == "smollm2-135m"
     assert float(row["pairs_per_s"]) > 0 and int(row["steps_timed"]) == 2 and float(row["ref_pass_s"]) > 0
+
+
+def test_bench_sp_images_smoke():
+    """bench/bench_sp_images.py: both ways measured on 2 ranks; sharing 3 tiles keeps less a rank."""
+    import json
+
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_sp_images.py"), "--tiles", "3", "--layers", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    results = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    kept = {(r["way"], r["rank"]): r["activation_bytes"] for r in results}
+    assert len(kept) == 4 and all(kept["shared", k] < kept["every rank", k] for k in (0, 1)), kept
