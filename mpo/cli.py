@@ -94,6 +94,10 @@ def _logps(args: argparse.Namespace) -> int:
     from mpo.models.loading import DTYPES
     from mpo.models.reference_pass import compute_pair_logps
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under a launcher every rank would run the whole pass
+        raise ValueError(f"mpo logps runs in one process, and this is one of {os.environ['WORLD_SIZE']} "
+                         "(WORLD_SIZE): for a pass dealt to many ranks, or rows split over them "
+                         "(train.sequence_parallel_size), run mpo ref-logps CONFIG under the launcher")
     _quiet_transformers()
     out = Path(args.out)
     rejects = Rejects(Path(args.rejects) if args.rejects else out.with_name(out.name + ".rejects.jsonl"),

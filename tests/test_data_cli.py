@@ -90,3 +90,14 @@ def test_missing_model_folder_is_a_clear_error(demo_data, tmp_path, capsys):
     assert main(["logps", "--model", str(tmp_path / "none"), "--data", str(demo_data / "meta.json"),
                  "--out", str(tmp_path / "o.safetensors")]) == 1
     assert "model folder not found" in capsys.readouterr().err
+
+
+def test_logps_under_a_launcher_is_refused_before_any_work(tiny_models, demo_data, tmp_path, capsys, monkeypatch):
+    """Every rank would run the whole pass and write the same file: the many-rank pass is mpo ref-logps."""
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    out = tmp_path / "o.safetensors"
+    assert main(["logps", "--model", str(tiny_models["qwen2"]), "--data", str(demo_data / "meta.json"),
+                 "--out", str(out)]) == 1
+    said = capsys.readouterr().err
+    assert "one of 8 (WORLD_SIZE)" in said and "mpo ref-logps CONFIG" in said, said
+    assert not out.exists() and not out.with_name(out.name + ".rejects.jsonl").exists()
