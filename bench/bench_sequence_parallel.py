@@ -114,8 +114,10 @@ def main() -> int:
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
+        from mpo.distributed import end_process
+
         print("RESULT " + json.dumps(worker(a)), flush=True)
-        return 0
+        end_process(0)  # as the mpo command ends
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(Path(tmp) / "model", a)

@@ -79,9 +79,7 @@ def worker(a) -> list[dict]:
     net = model(a.layers)
     family, shard = model_family(net), Shard(dist.get_rank(), dist.get_world_size(), None)
     pixels = torch.randn(a.tiles, 3, 448, 448, generator=torch.Generator().manual_seed(0))
-    results = [measure(net, family, pixels, shard, share) for share in (False, True)]
-    dist.destroy_process_group()
-    return results
+    return [measure(net, family, pixels, shard, share) for share in (False, True)]
 
 
 def port() -> int:
@@ -98,9 +96,11 @@ def main() -> int:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
+        from mpo.distributed import end_process
+
         for r in worker(a):
             print("RESULT " + json.dumps(r), flush=True)
-        return 0
+        end_process(0)  # as the mpo command ends
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={a.sp}", f"--master-port={port()}",
            __file__, "--worker", "--tiles", str(a.tiles), "--layers", str(a.layers)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}

@@ -4,13 +4,13 @@ handlers are thin: the work lives in the library."""
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import os
 import platform
 import sys
 import traceback
 from pathlib import Path
+from typing import NoReturn
 
 from mpo.models.tiny import ARCHS
 
@@ -576,16 +576,11 @@ def main(argv: list[str] | None = None) -> int:
         distributed.close()
 
 
-def run() -> None:
-    """The `mpo` command (the console script and `python -m mpo`): `main()`, the exit handlers, then the
-    process ends without the interpreter's teardown.
+def run() -> NoReturn:
+    """The `mpo` command (the console script and `python -m mpo`): `main()`, then the process ends
+    without the interpreter's teardown (`mpo.distributed.end_process`, which says why)."""
+    from mpo.distributed import end_process
 
-    The teardown frees what module state still holds: torch.distributed.nn's default arguments keep the
-    world group when imported after it started, DeepSpeed's module state its groups and, under ZeRO-3,
-    the model. Their gloo or NCCL threads, reaching for an interpreter half torn down, then abort the
-    process ("terminate called without an active exception", exit status 134) after a run that
-    succeeded, now and then. Nothing needs the teardown: `main` closes its files and ends the process
-    group, and the exit handlers (logging, W&B, worker processes, file locks) run here as at any exit."""
     try:
         status = main()
     except SystemExit as e:  # argparse's --help and usage errors
@@ -600,7 +595,4 @@ def run() -> None:
         if status is not None:
             print(status, file=sys.stderr)
         status = 0 if status is None else 1
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+    end_process(status)

@@ -6,6 +6,7 @@ gets a one-process group on a free local port. NCCL on CUDA, gloo on CPU.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -14,6 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -68,6 +70,24 @@ def close() -> None:
     exception", exit status 134), seen after an error on one rank of one."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def end_process(status: int = 0) -> NoReturn:
+    """End this process with `status` without the interpreter's teardown: the process group ended
+    (`close`), the exit handlers run (logging, W&B, worker processes, file locks) and the output
+    flushed first, as at any exit. The `mpo` command ends so, and so should any script run on many
+    ranks.
+
+    The teardown frees what module state still holds: torch.distributed.nn's default arguments keep the
+    world group when imported after it started, DeepSpeed's module state its groups and, under ZeRO-3,
+    the model. Their gloo or NCCL threads, reaching for an interpreter half torn down, then abort the
+    process ("terminate called without an active exception", exit status 134) after work that
+    succeeded, now and then."""
+    close()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def all_sum(values: list[float], device) -> list[float]:
@@ -208,6 +228,13 @@ class Phase:
         name = self._name("sync")
         self.store.add(name, 1)
         self._poll(lambda: self.store.add(name, 0) == self.dist.world)
+        # Rank 0 leaves last, once every rank has seen the count: under a launcher that starts the ranks
+        # itself (srun, mpirun) the store lives in rank 0's process, and a rank 0 that ended at once
+        # would take it from a rank still polling here.
+        if self.dist.main:
+            self._poll(lambda: self.store.add(f"{name}/seen", 0) == self.dist.world - 1)
+        else:
+            self.store.add(f"{name}/seen", 1)
 
     def share(self, value):
         """Rank 0's `value` (JSON: tuples come back as lists, on rank 0 too), on every rank."""

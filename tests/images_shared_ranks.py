@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForImageTextToText
 
+from mpo.distributed import end_process
 from mpo.models.loading import model_family
 from mpo.models.sequence_parallel import Shard
 
@@ -78,4 +79,4 @@ for path in sys.argv[1:]:
                                        msg=f"{path}: {count} images, {name}; seed {seed}")
         if rank == 0:
             print("ok", family.name, count, len(expected), flush=True)
-dist.destroy_process_group()
+end_process(0)

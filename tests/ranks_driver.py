@@ -3,7 +3,7 @@
 FAIL_RANK (-1: none) raises "injected failure on rank R" at one point of CASE, the rest is the real
 code: `index OUT MODEL DATA` builds a pair index with every rank (chunks of 3 pairs, so each rank
 measures some); `mpo PATCH ARGS...` runs `mpo ARGS...` with the function PATCH ("module:Class.attr"
-or "module:attr") failing on FAIL_RANK.
+or "module:attr") failing on FAIL_RANK. Each case ends as the mpo command does (`mpo.cli.run`).
 """
 
 import importlib
@@ -38,7 +38,7 @@ if case == "index":
     from mpo.data.dataset import PairDataset
     from mpo.data.packing import PackingOptions
     from mpo.data.records import Rejects
-    from mpo.distributed import Dist, Phase
+    from mpo.distributed import Dist, Phase, end_process
 
     out, model, data = map(Path, sys.argv[3:6])
     mpo.data.index.CHUNK = 3
@@ -50,9 +50,11 @@ if case == "index":
         PairDataset.open(model, data, PackingOptions("prefix", 4096, "truncate"), rejects, index_dir=out,
                          group=phase)
     rejects.close()
+    end_process(0)  # as the mpo command ends
 elif case == "mpo":
-    from mpo.cli import main
+    from mpo.cli import run
 
     if rank == fail:
         patch(sys.argv[3])
-    sys.exit(main(sys.argv[4:]))
+    sys.argv = ["mpo", *sys.argv[4:]]
+    run()

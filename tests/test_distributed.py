@@ -97,3 +97,52 @@ def test_the_command_ends_without_the_interpreters_teardown(end, status, said):
     output = proc.stdout + proc.stderr
     assert proc.returncode == status and said in output, (proc.returncode, output[-3000:])
     assert "terminate called" not in output and "the exit handlers ran" in output, output[-3000:]
+
+
+class MemoryStore:
+    """The c10d store's calls Phase makes, in memory, shared by threads standing in for ranks; rank 1's
+    reads of a count take a while, as over a slow network."""
+
+    def __init__(self):
+        self.values, self.lock, self.events = {}, threading.Lock(), []
+
+    def clone(self):
+        return self
+
+    def add(self, key, amount):
+        slow = amount == 0 and threading.current_thread().name == "rank 1"
+        with self.lock:
+            self.values[key] = self.values.get(key, 0) + amount
+            value = self.values[key]
+        if slow:
+            time.sleep(0.3)
+            self.events.append(("rank 1 read a count", time.monotonic()))
+        return value
+
+    def check(self, keys):
+        with self.lock:
+            return all(k in self.values for k in keys)
+
+
+def test_rank_0_leaves_a_sync_after_every_rank_has_seen_it_complete(monkeypatch):
+    """Rank 0's process serves the store (under srun or mpirun): it must not end while another rank
+    still reads the sync's count from it."""
+    store = MemoryStore()
+    monkeypatch.setattr(distributed, "_store", lambda: store)
+
+    def rank(r):
+        phase = Phase(Dist(r, 2, 0, torch.device("cpu")), "test")
+        phase.key = "mpo/phase/test"  # as every rank's own count of phases would name it
+        with phase:
+            pass
+        if r == 0:
+            store.events.append(("rank 0 left", time.monotonic()))
+
+    threads = [threading.Thread(target=rank, args=(r,), name=f"rank {r}") for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    left = [when for what, when in store.events if what == "rank 0 left"]
+    read = [when for what, when in store.events if what == "rank 1 read a count"]
+    assert left and read and left[0] >= max(read), store.events

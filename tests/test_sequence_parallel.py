@@ -22,6 +22,7 @@ ROWS = {"llama": 128, "internvl": 512, "qwen2_5_vl": 512}  # tokens per packed r
 GRADIENTS = """
 import sys, deepspeed
 from safetensors.torch import save_file
+from mpo.distributed import end_process
 from mpo.train.config import load_config
 from mpo.train.trainer import Trainer
 t = Trainer(load_config(sys.argv[1], sys.argv[4:]), sys.argv[2])
@@ -35,6 +36,7 @@ grads = {n: deepspeed.utils.safe_get_full_grad(p).clone() for n, p in t.engine.m
          if p.requires_grad}
 if t.dist.main:
     save_file(grads, sys.argv[3])
+end_process(0)
 """
 
 

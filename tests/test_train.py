@@ -558,6 +558,7 @@ ONLINE_DRIVER = """
 import json, sys
 import mpo.train.engine as engine, mpo.train.reference as reference
 from mpo.train.config import load_config
+from mpo.distributed import end_process
 from mpo.train.trainer import Trainer
 loads = []
 def counted(load):
@@ -570,6 +571,7 @@ t = Trainer(load_config(sys.argv[1], sys.argv[3:]), sys.argv[2])
 t.run()
 if t.dist.main:
     print(json.dumps({"loads": loads, "policy_is_reference": t.online.model is t.policy.model}))
+end_process(0)
 """
 
 
