@@ -232,7 +232,7 @@ class Phase:
         # itself (srun, mpirun) the store lives in rank 0's process, and a rank 0 that ended at once
         # would take it from a rank still polling here.
         if self.dist.main:
-            self._poll(lambda: self.store.add(f"{name}/seen", 0) == self.dist.world - 1)
+            self._poll(lambda: self.store.add(f"{name}/seen", 0) >= self.dist.world - 1)
         else:
             self.store.add(f"{name}/seen", 1)
 
