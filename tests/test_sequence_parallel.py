@@ -1,7 +1,8 @@
 """Sequence parallelism (train.sequence_parallel_size, DeepSpeed Ulysses) on gloo: each packed row
 split over 2 ranks gives the unsplit row's per-pair sums, losses and gradients (a text model, and
-InternVL and Qwen2.5-VL on the demo's image pairs); 2 data x 2 sequence parallel ranks follow the
-one-rank run; what cannot work is refused with the reason."""
+InternVL, Qwen2.5-VL and InternVL on GPT-OSS, attention sinks and sliding windows, on the demo's
+image pairs); the ranks of a group share a row's images; 2 data x 2 sequence parallel ranks follow
+the one-rank run; what cannot work is refused with the reason."""
 
 import json
 import subprocess
@@ -17,7 +18,8 @@ from mpo.distributed import Dist
 from mpo.train.config import load_config
 from mpo.train.engine import enable_sequence_parallel
 
-ROWS = {"llama": 128, "internvl": 512, "qwen2_5_vl": 512}  # tokens per packed row, whatever the ranks sharing it
+# tokens per packed row, whatever the ranks sharing it
+ROWS = {"llama": 128, "internvl": 512, "qwen2_5_vl": 512, "internvl_gpt_oss": 512}
 
 GRADIENTS = """
 import sys, deepspeed
@@ -79,11 +81,12 @@ def straddling(run, row_tokens) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["llama", "internvl", "qwen2_5_vl"])
+@pytest.mark.parametrize("arch", ["llama", "internvl", "qwen2_5_vl", "internvl_gpt_oss"])
 def test_two_ranks_splitting_each_row_match_one_rank(tmp_path, tiny_models, demo_data, arch):
     """Reference sums (the cache) within 1e-5 of the unsplit rows', with responses straddling the
     shard boundary; losses, reward shift and held-out metrics within 1e-3 step for step; every
-    gradient (InternVL's vision tower's too) within 1e-4."""
+    gradient (InternVL's vision tower's, GPT-OSS's attention sinks, each rank attending half the
+    heads) within 1e-4."""
     one = sp_config(tmp_path, tiny_models, "one", 1, arch, demo_data)
     two = sp_config(tmp_path, tiny_models, "two", 2, arch, demo_data)
     mpo("train", one, "--output-dir", tmp_path / "one")
@@ -159,9 +162,3 @@ def test_what_cannot_split_is_refused_with_the_reason(tmp_path, tiny_models, ove
     cfg = load_config(config, overrides)
     with pytest.raises(ValueError, match=message):
         enable_sequence_parallel(cfg, Dist(0, 6, 0, torch.device("cpu")))
-
-
-def test_attention_sinks_are_refused_with_the_reason(tmp_path, tiny_models):
-    cfg = load_config(sp_config(tmp_path, tiny_models, "c", 2), [f"model.path={tiny_models['internvl_gpt_oss']}"])
-    with pytest.raises(ValueError, match=r"has attention sinks \(GPT-OSS\), one per head"):
-        enable_sequence_parallel(cfg, Dist(0, 2, 0, torch.device("cpu")))

@@ -174,7 +174,8 @@ def scored_hidden_states(model, batch: PackedBatch, *, backend: str = "auto", sh
             sharding = shard.vision_language_on_part(family, model, mine)
         else:
             ids, positions = ids[:, mine], positions[..., mine]
-    packing = PackingInfo.of(batch, backend, family.bidirectional_image_token)
+    packing = PackingInfo.of(batch, backend, family.bidirectional_image_token,
+                             None if shard is None else (shard.rank, shard.world))
     kwargs = dict(input_ids=ids, position_ids=positions, use_cache=False, packing=packing)
     if getattr(model.config.get_text_config(), "output_router_logits", False):
         # `router_load` records what the loss needs; transformers' own record would keep every layer's

@@ -48,11 +48,15 @@ class PackingInfo:
     branched: bool  # any rejected branch (prefix layout): per-document causal attention is not enough
     backend: str = "auto"
     image_blocks: torch.Tensor | None = None  # [1, L] the image a token belongs to, -1 for text (bidirectional images)
+    # sequence parallelism: (part, parts), Ulysses hands this rank the part-th of `parts` runs of the heads
+    heads: tuple[int, int] | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def of(cls, batch: PackedBatch, backend: str = "auto", image_token: int | None = None) -> PackingInfo:
-        """image_token: the family attends bidirectionally within each run of these tokens (one image)."""
+    def of(cls, batch: PackedBatch, backend: str = "auto", image_token: int | None = None,
+           heads: tuple[int, int] | None = None) -> PackingInfo:
+        """image_token: the family attends bidirectionally within each run of these tokens (one image);
+        heads: (part, parts) under sequence parallelism."""
         if backend not in BACKENDS:
             raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
         bounds = batch.cu_seqlens.cpu()
@@ -62,7 +66,7 @@ class PackingInfo:
             starts = image & ~F.pad(image, (1, 0))[:, :-1]
             blocks = torch.where(image, starts.cumsum(1) - 1, -1)
         return cls(batch.doc_ids, batch.branch_ids, batch.cu_seqlens, int((bounds[1:] - bounds[:-1]).max()),
-                   batch.layout == "prefix", backend, blocks)
+                   batch.layout == "prefix", backend, blocks, heads)
 
     def _cached(self, key, build):
         if key not in self._cache:
@@ -159,6 +163,11 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         raise NotImplementedError(f"{ATTENTION!r} does not implement softcap attention")
     if query.shape[0] != 1:
         raise ValueError(f"{ATTENTION!r} takes one packed row (batch 1), got batch {query.shape[0]}")
+    if s_aux is not None and packing.heads is not None and len(s_aux) == query.shape[1] * packing.heads[1]:
+        # a learned logit per head: under Ulysses this rank attends one run of the heads, and takes their sinks
+        # (its gradient reaches those alone; the group's sum covers each head once)
+        part, parts = packing.heads
+        s_aux = s_aux.chunk(parts)[part]
     if s_aux is not None and s_aux.shape != (query.shape[1],):
         raise ValueError(f"{ATTENTION!r}: {tuple(s_aux.shape)} attention sinks for {query.shape[1]} heads")
     dropout = dropout if module.training else 0.0

@@ -148,7 +148,7 @@ def _balanced(costs: list[int], parts: int) -> list[int]:
 def enable(model_path: str, size: int, dist_) -> Shard:
     """Route every attention through Ulysses for groups of `size` consecutive ranks (DeepSpeed's
     layout: ranks k * size ... (k + 1) * size - 1 share rows) -> this rank's shard. Refused, with
-    the reason, where the heads do not split over the group or carry attention sinks."""
+    the reason, where the heads do not split over the group."""
     from transformers import AutoConfig
 
     from mpo.models.packed_attention import register
@@ -161,10 +161,6 @@ def enable(model_path: str, size: int, dist_) -> Shard:
         raise ValueError(f"train.sequence_parallel_size {size}: {model_path} has {heads} attention heads and {kv} "
                          "key/value heads; each rank takes 1/N of the heads, so N must divide the heads, and "
                          "divide the key/value heads or be a multiple of them")
-    if text.model_type == "gpt_oss":
-        raise ValueError(f"train.sequence_parallel_size {size}: {model_path} has attention sinks (GPT-OSS), one per "
-                         "head, which the attention under Ulysses would have to slice by this rank's heads; not "
-                         "supported yet")
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
 
     mpu = UlyssesSPAttentionHF.register_with_transformers(
