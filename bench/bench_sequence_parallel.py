@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from ranks import report, run_workers
 
 PAIRS = 16
 
@@ -86,12 +83,6 @@ def worker(a) -> dict:
             "forward_backward_s": round(seconds, 2), "loss": round(float(loss), 6)}
 
 
-def port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def build_model(folder: Path, a) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -114,22 +105,13 @@ def main() -> int:
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
-        from mpo.distributed import end_process
-
-        print("RESULT " + json.dumps(worker(a)), flush=True)
-        end_process(0)  # as the mpo command ends
+        report([worker(a)])
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(Path(tmp) / "model", a)
         for size in map(int, a.sp.split(",")):
-            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={size}", f"--master-port={port()}",
-                   __file__, "--worker", "--model", str(model), "--size", str(size), "--tokens", str(a.tokens)]
-            env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if proc.returncode:
-                sys.stderr.write(proc.stderr[-4000:])
-                return proc.returncode
-            results += [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            results += run_workers(__file__, size, ["--model", str(model), "--size", str(size),
+                                                    "--tokens", str(a.tokens)])
     print(f"{'N':>3} {'rank':>4} {'row tokens':>10} {'rank tokens':>11} {'activations MB':>14} "
           f"{'SDPA masks MB':>13} {'peak RSS MB':>11} {'fwd+bwd s':>9}")
     for r in sorted(results, key=lambda r: (r["sequence_parallel_size"], r["rank"])):

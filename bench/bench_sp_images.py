@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 
 import torch
+from ranks import report, run_workers
 
 
 def model(layers: int):
@@ -82,12 +79,6 @@ def worker(a) -> list[dict]:
     return [measure(net, family, pixels, shard, share) for share in (False, True)]
 
 
-def port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sp", type=int, default=2, help="ranks sharing the row")
@@ -96,19 +87,8 @@ def main() -> int:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
-        from mpo.distributed import end_process
-
-        for r in worker(a):
-            print("RESULT " + json.dumps(r), flush=True)
-        end_process(0)  # as the mpo command ends
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={a.sp}", f"--master-port={port()}",
-           __file__, "--worker", "--tiles", str(a.tiles), "--layers", str(a.layers)]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode:
-        sys.stderr.write(proc.stderr[-4000:])
-        return proc.returncode
-    results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        report(worker(a))
+    results = run_workers(__file__, a.sp, ["--tiles", str(a.tiles), "--layers", str(a.layers)])
     print(f"{'way':>10} {'rank':>4} {'tiles':>5} {'activations MB':>14} {'moved MB':>8} {'fwd+bwd s':>9}")
     for r in sorted(results, key=lambda r: (r["way"] != "every rank", r["rank"])):
         print(f"{r['way']:>10} {r['rank']:>4} {r['tiles']:>5} {r['activation_bytes'] / 2**20:>14.1f} "
